@@ -1,0 +1,122 @@
+"""The one attention entry point of the project.
+
+``attention(q, k, v)`` takes ``(B, L, heads, head_dim)`` arrays (jax.nn.dot_product_attention's
+layout) and returns ``(B, Lq, heads, head_dim)``. Backends:
+
+* ``xla``: einsum scores with a float32 softmax. The reference; materialises ``(B, H, Lq, Lk)``.
+* ``chunked``: online-softmax (flash-style) over query and key blocks in plain JAX; never holds
+  more than one ``(B, H, q_chunk, kv_chunk)`` score block. Any platform.
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; bf16/fp16 only.
+* ``auto``: cudnn on GPU for half precision, chunked for long sequences, xla otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "chunked", "cudnn")
+# Sequences longer than this never use the dense xla path under "auto".
+DENSE_MAX_TOKENS = 4096
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    q_chunk: int = 1024,
+    kv_chunk: int = 1024,
+) -> jax.Array:
+    """Scaled dot-product attention; ``bias`` broadcasts to ``(B, H, Lq, Lk)`` (xla only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention expects (B, L, H, D) q/k/v, got {q.shape}, {k.shape}, {v.shape}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    backend = _resolve(backend, q, k, bias)
+    if backend == "xla":
+        return _dense(q, k, v, bias, scale)
+    if backend == "chunked":
+        if bias is not None:
+            raise ValueError("the chunked attention backend takes no bias; use backend='xla'")
+        return _chunked(q, k, v, scale, q_chunk, kv_chunk)
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError("the cudnn attention backend needs bf16/fp16 inputs; use 'xla' or 'chunked'")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
+
+
+def _resolve(backend: str, q: jax.Array, k: jax.Array, bias: jax.Array | None) -> str:
+    if backend != "auto":
+        return backend
+    long = max(q.shape[1], k.shape[1]) > DENSE_MAX_TOKENS
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if long and half and bias is None and jax.default_backend() == "gpu" and q.shape[-1] % 8 == 0:
+        return "cudnn"
+    if long and bias is None:
+        return "chunked"
+    return "xla"
+
+
+def _dense(q, k, v, bias, scale):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _pad_to(x: jax.Array, multiple: int, axis: int) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _chunked(q, k, v, scale, q_chunk, kv_chunk):
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    q_chunk, kv_chunk = min(q_chunk, q_len), min(kv_chunk, k_len)
+    q_blocks = _pad_to(q, q_chunk, 1).reshape(batch, -1, q_chunk, heads, dim).swapaxes(0, 1)
+    k_blocks = _pad_to(k, kv_chunk, 1).reshape(batch, -1, kv_chunk, heads, dim).swapaxes(0, 1)
+    v_blocks = _pad_to(v, kv_chunk, 1).reshape(batch, -1, kv_chunk, heads, dim).swapaxes(0, 1)
+    key_valid = (jnp.arange(k_blocks.shape[0] * kv_chunk) < k_len).reshape(-1, kv_chunk)
+    attend = functools.partial(_attend_one_query_block, k_blocks=k_blocks, v_blocks=v_blocks,
+                               key_valid=key_valid, scale=scale)
+    out = jax.lax.map(attend, q_blocks)  # (nq, B, q_chunk, H, D)
+    return out.swapaxes(0, 1).reshape(batch, -1, heads, dim)[:, :q_len]
+
+
+def _attend_one_query_block(q_block, *, k_blocks, v_blocks, key_valid, scale):
+    batch, q_chunk, heads, dim = q_block.shape
+    init = (
+        jnp.full((batch, heads, q_chunk), -jnp.inf, jnp.float32),  # running max
+        jnp.zeros((batch, heads, q_chunk), jnp.float32),  # running denominator
+        jnp.zeros((batch, heads, q_chunk, dim), jnp.float32),  # running numerator
+    )
+
+    def step(carry, block):
+        running_max, denom, numer = carry
+        k_block, v_block, valid = block
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k_block, preferred_element_type=jnp.float32)
+        scores = jnp.where(valid, scores * scale, -jnp.inf)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        correction = jnp.exp(running_max - new_max)
+        probs = jnp.exp(scores - new_max[..., None])
+        denom = denom * correction + probs.sum(axis=-1)
+        update = jnp.einsum("bhqk,bkhd->bhqd", probs.astype(v_block.dtype), v_block,
+                            preferred_element_type=jnp.float32)
+        numer = numer * correction[..., None] + update
+        return (new_max, denom, numer), None
+
+    (_, denom, numer), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, key_valid))
+    out = numer / denom[..., None]
+    return out.transpose(0, 2, 1, 3).astype(q_block.dtype)
