@@ -1,0 +1,1 @@
+"""Noise schedules and samplers: VideoCrafter2/FIFO DDIM (``ddim``) and CogVideoX (``cogvideox``)."""

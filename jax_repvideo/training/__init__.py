@@ -1,0 +1,1 @@
+"""RepVideo fine-tuning: tfds data pipeline and the optax train step."""
