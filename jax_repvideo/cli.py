@@ -13,6 +13,20 @@ CONVERTERS = {
     "repvideo": "convert.repvideo",
 }
 
+# command → module with ``main(config_path, overrides) -> int``.
+CONFIG_COMMANDS = {
+    "generate": "jax_repvideo.generate",
+    "train": "jax_repvideo.training.train",
+    "plan": "jax_repvideo.plan",
+    "analyze": "jax_repvideo.analysis",
+}
+CONFIG_COMMANDS_HELP = {
+    "generate": "prompt → video (mp4/gif) from a preset",
+    "train": "fine-tune RepVideo from a video folder",
+    "plan": "print per-device parameter and activation memory for a preset and mesh",
+    "analyze": "per-layer adjacent-frame similarity plot and JSON",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-repvideo", description=__doc__)
@@ -26,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("kind", choices=sorted(CONVERTERS))
     convert.add_argument("src")
     convert.add_argument("dst")
+
+    # Commands that take a YAML preset plus key=value overrides; each lives in its own module
+    # with ``main(config_path, overrides) -> int``.
+    for name, help_text in CONFIG_COMMANDS_HELP.items():
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("config")
+        command.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
@@ -39,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(CONVERTERS[args.kind])
         module.main(args.src, args.dst)
         return 0
-    return 2
+    module = importlib.import_module(CONFIG_COMMANDS[args.command])
+    return module.main(args.config, args.overrides)
 
 
 if __name__ == "__main__":
