@@ -1,0 +1,188 @@
+"""Scale-out: mesh errors in-process; 8 emulated CPU devices vs 1 device in a subprocess.
+
+The subprocess is this file run as a script with ``--xla_force_host_platform_device_count=8`` set
+before jax is imported. It runs every 8-device check once and prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+
+
+# ----------------------------------------------------------------------------- 8-device checks
+
+
+def _rel(ours, ref) -> float:
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def _spec(array) -> list:
+    return [list(p) if isinstance(p, tuple) else p for p in array.sharding.spec]
+
+
+def _check_restore(layout, tmp: Path) -> dict:
+    """A converted checkpoint restores straight into the sharded abstract model."""
+    import jax
+    from flax import nnx
+
+    from jax_repvideo import checkpoint
+    from jax_repvideo.models.vae_kl import AutoencoderKL
+
+    cfg = _tiny_vae_config()
+    model = AutoencoderKL(cfg, rngs=nnx.Rngs(3))
+    flat = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    checkpoint.save(tmp / "vae", flat, {"kind": "vae"})
+    abstract = layout.abstract_model(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    restored = checkpoint.restore_into(tmp / "vae", abstract)
+    kernel = restored.decoder.conv_in.kernel.get_value() if hasattr(restored.decoder, "conv_in") else None
+    errors = jax.tree.map(lambda a, b: _rel(a, b), nnx.state(restored, nnx.Param), nnx.state(model, nnx.Param))
+    leaves = jax.tree.leaves(nnx.state(restored, nnx.Param))
+    return {
+        "restore_error": max(jax.tree.leaves(errors)),
+        "restore_sharded_leaves": sum(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+                                      for a in leaves),
+        "restore_kernel_spec": _spec(kernel) if kernel is not None else None,
+    }
+
+
+def _tiny_vae_config():
+    from jax_repvideo.models.vae_kl import AutoencoderKLConfig
+
+    return AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
+
+
+def _check_vae(layout) -> dict:
+    """VAE decode with the frames split over ``data``."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jax_repvideo.models.vae_kl import AutoencoderKL
+
+    cfg = _tiny_vae_config()
+    constructor = lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(1))  # noqa: E731
+    z = np.random.RandomState(0).randn(8, 8, 8, cfg.embed_dim).astype(np.float32)
+    graphdef, state = nnx.split(constructor())
+
+    def decode(state, z):
+        return nnx.merge(graphdef, state).decode_latents(z)
+
+    ref = jax.jit(decode)(state, z)
+    sharded_state = nnx.split(layout.init_model(constructor))[1]
+    frames = ("frames", None, None, None)
+    out = jax.jit(decode, out_shardings=layout.sharding(frames))(sharded_state, layout.put(z, frames))
+    return {"vae_error": _rel(out, ref), "vae_out_spec": _spec(out)}
+
+
+def run_checks(tmp: Path) -> dict:
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    from jax_repvideo import sharding
+
+    assert jax.device_count() == 8, jax.devices()
+    results: dict = {"devices": jax.device_count()}
+    data8 = sharding.setup(sharding.MeshConfig(data=8))
+    results.update(_check_vae(data8))
+    results.update(_check_restore(sharding.setup(sharding.MeshConfig(data=2, fsdp=4)), tmp))
+    return results
+
+
+# ----------------------------------------------------------------------------- pytest side
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    tmp = tmp_path_factory.mktemp("sharding8")
+    proc = subprocess.run([sys.executable, __file__, str(tmp)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_runs_on_eight_devices(eight_devices):
+    assert eight_devices["devices"] == 8
+
+
+def test_vae_decode_frames_on_data(eight_devices):
+    assert eight_devices["vae_out_spec"][0] == "data"
+    assert eight_devices["vae_error"] <= TOLERANCE
+
+
+def test_checkpoint_restores_into_shardings(eight_devices):
+    assert eight_devices["restore_error"] == 0.0
+    assert eight_devices["restore_sharded_leaves"] > 0
+    assert eight_devices["restore_kernel_spec"][-2] == "fsdp"  # conv input channels over fsdp
+
+
+# in-process checks on the 1 CPU device
+
+
+def test_mesh_must_match_device_count():
+    from jax_repvideo import sharding
+
+    with pytest.raises(ValueError, match=r"has 8 devices but 1 are available.*product is 1"):
+        sharding.make_mesh(sharding.MeshConfig(data=8))
+
+
+def test_unknown_axis_names():
+    from jax_repvideo import config, sharding
+
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        sharding.setup(sharding.MeshConfig(rules={"heads": ("model",)}))
+    with pytest.raises(config.ConfigError, match="mesh.pipeline"):
+        config.from_dict(sharding.MeshConfig, {"pipeline": 2}, "mesh")
+    layout = sharding.setup(sharding.MeshConfig())
+    with pytest.raises(ValueError, match="unknown logical axis name 'sequence'"):
+        layout.spec(("batch", "sequence"))
+    with pytest.raises(ValueError, match="unknown logical axis 'hidden'"):
+        sharding.setup(sharding.MeshConfig(param_rules=((r"\.kernel$", ("hidden", None)),)))
+
+
+def test_tensor_must_divide_heads():
+    from jax_repvideo import sharding
+
+    sharding.check_heads(30, sharding.MeshConfig(tensor=2))
+    with pytest.raises(ValueError, match=r"mesh.tensor=4 does not divide the 30 attention heads.*\[1, 2, 3, 5"):
+        sharding.check_heads(30, sharding.MeshConfig(tensor=4))
+
+
+def test_param_rules_are_trailing_aligned():
+    from jax_repvideo import sharding
+
+    layout = sharding.setup(sharding.MeshConfig())
+    assert layout.param_names("blocks.attn1.to_q.kernel", 3) == (None, "embed", "heads")  # stacked layers
+    assert layout.param_names("blocks.attn1.to_q.bias", 1) == ("heads",)
+    assert layout.param_names("down.0.conv1.kernel", 4) == (None, None, "conv_in", None)
+    assert layout.param_names("norm.scale", 1) == (None,)
+
+
+def test_distributed_from_environment():
+    from jax_repvideo import sharding
+
+    auto = sharding.MeshConfig()
+    assert not sharding.wants_distributed(auto, {})
+    assert not sharding.wants_distributed(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert sharding.wants_distributed(auto, {"TPU_WORKER_HOSTNAMES": "host-0,host-1"})
+    assert sharding.wants_distributed(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert sharding.wants_distributed(auto, {"SLURM_NTASKS": "4"})
+    assert not sharding.wants_distributed(sharding.MeshConfig(distributed="off"), {"SLURM_NTASKS": "4"})
+    assert sharding.is_primary()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(run_checks(Path(sys.argv[1]))))
