@@ -3,7 +3,8 @@
 - ``scaled_linear_betas``: LDM's "linear" schedule, linear in sqrt(β) and squared.
 - Two timestep grids: ``fifo_timesteps`` = round(linspace(0, T−1, S)) (FIFO's), and
   ``videocrafter_timesteps`` = range(0, T, T//S) + 1 (VideoCrafter's own sampler).
-- ``DDIMSchedule``: per-DDIM-index tables. ``alphas_prev[0] = ᾱ[τ_0]``, so index 0 is an identity step.
+- ``DDIMSchedule``: per-DDIM-index tables. ``alphas_prev[0] = ᾱ[0]`` (training step 0), so on FIFO's grid
+  (τ_0 = 0) index 0 is an identity step.
 - ``DDIMSchedule.step``: one DDIM update with per-frame indices and η noise. ``use_scale`` applies
   VideoCrafter2's ``scale_arr`` signal scaling; the official base sampler uses it, FIFO's per-frame update
   does not (spec §1.2 quirk), so it is an argument of the step, off by default.
@@ -64,7 +65,7 @@ class DDIMSchedule:
 
     timesteps: jax.Array  # (S,) int32, τ_k
     alphas: jax.Array  # (S,) a_k = ᾱ[τ_k]
-    alphas_prev: jax.Array  # (S,) ᾱ[τ_{k−1}], and ᾱ[τ_0] for k = 0
+    alphas_prev: jax.Array  # (S,) ᾱ[τ_{k−1}], and ᾱ[0] for k = 0
     sigmas: jax.Array  # (S,) η·√((1−a_prev)/(1−a)·(1−a/a_prev))
     scales: jax.Array  # (S,) scale_arr[τ_k] (ones without use_scale data)
     scales_prev: jax.Array  # (S,) scale_arr[τ_{k−1}], and scale_arr[0] for k = 0

@@ -1,0 +1,160 @@
+"""``jax-repvideo verify fifo DIR``: the base DDIM run and both FIFO runs of ``DIR/fifo_run.npz``.
+
+DIR holds the tiny U-Net (``unet.ckpt`` + ``unet_config.json``) and ``fifo_run.npz`` (see the fixture
+README). The recorded random draws replace the RNG (mapped to the loop's order), the stored contexts and
+fps condition every call. Checks, relative to each array's max-abs:
+
+- end to end (≤ 1e-3): ``base_out``, then per run the queue after init, every dequeued latent and the
+  output latents, our base output feeding the queue;
+- teacher-forced (≤ 1e-4): each iteration's recorded ``call_in`` windows → guided ε (``call_eps``) and
+  the per-frame DDIM update (``call_out``), as one batched call per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_repvideo import fifo
+from jax_repvideo.schedulers import ddim
+from jax_repvideo.verify import check
+
+END_TO_END_TOL = 1e-3
+TEACHER_FORCED_TOL = 1e-4
+RUNS = (("nola", False), ("la", True))
+
+
+def to_frames(video):
+    """(…, C, T, H, W) PyTorch layout → (…, T, H, W, C)."""
+    return np.moveaxis(np.asarray(video), -4, -1)
+
+
+def draws(data, run: str) -> list[np.ndarray]:
+    """The recorded random draws of a run, in draw order."""
+    flat, offsets = data[f"{run}_randn_flat"], data[f"{run}_randn_offsets"]
+    shapes, ndims = data[f"{run}_randn_shapes"], data[f"{run}_randn_ndim"]
+    return [flat[offsets[i] : offsets[i + 1]].reshape(shapes[i, : ndims[i]]) for i in range(len(ndims))]
+
+
+def injected_noise(data, run: str, plan: fifo.Plan) -> fifo.InjectedNoise:
+    """Maps the official draw order (queue init; per iteration R·f step draws, then the tail) to ours."""
+    sites, z = data[f"{run}_randn_site"], draws(data, run)
+    init = [to_frames(x)[0, 0] for x, s in zip(z, sites) if s == "prepare_latents"]
+    step = [to_frames(x)[0, 0] for x, s in zip(z, sites) if s == "ddim_step"]
+    tail = [np.moveaxis(x[0], 0, -1) for x, s in zip(z, sites) if s == "shift_latents"]
+    windows = len(plan.starts)
+    if len(init) != plan.queue_length or len(step) != len(tail) * windows * plan.f:
+        raise ValueError(f"{run}: draw counts do not match the queue (Q={plan.queue_length}, R={windows}, f={plan.f})")
+    steps = np.stack(step).reshape((len(tail), windows, plan.f) + step[0].shape)
+    return fifo.InjectedNoise(np.stack(init), steps, np.stack(tail))
+
+
+def fifo_config(data, lookahead: bool, chunk_size: int = 4) -> fifo.FifoConfig:
+    return fifo.FifoConfig(
+        video_length=int(data["video_length"]),
+        num_partitions=int(data["num_partitions"]),
+        num_inference_steps=int(data["num_inference_steps"]),
+        lookahead=lookahead,
+        new_video_length=int(data["new_video_length"]),
+        eta=float(data["eta"]),
+        guidance_scale=float(data["guidance_scale"]),
+        chunk_size=chunk_size,
+    )
+
+
+def conditioning(data):
+    """Prompt table ({"context": (1, L, D)}) and uncond ({"context": (L, D)})."""
+    return {"context": jnp.asarray(data["cond_context"])}, {"context": jnp.asarray(data["uncond_context"][0])}
+
+
+def load_unet(directory: Path):
+    """The tiny U-Net of the fixture, converted with the project's converter."""
+    from flax import nnx
+
+    from convert.common import load_torch_state_dict, strip_prefix
+    from convert.videocrafter2 import convert_unet
+    from jax_repvideo import config as config_lib
+    from jax_repvideo.models.unet3d import UNet3D, UNet3DConfig
+
+    cfg = config_lib.from_dict(UNet3DConfig, json.loads((directory / "unet_config.json").read_text()))
+    source = strip_prefix(load_torch_state_dict(directory / "unet.ckpt"), "model.diffusion_model.")
+    abstract = nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0)))
+    flat = convert_unet(source, cfg)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    _fill(pure, flat)
+    nnx.replace_by_pure_dict(state, pure)
+    return graphdef, state
+
+
+def _fill(tree, flat, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill(value, flat, path + ".")
+        else:
+            tree[key] = jnp.asarray(flat[path])
+
+
+def run(directory: Path) -> bool:
+    data = np.load(Path(directory) / "fifo_run.npz")
+    graphdef, params = load_unet(Path(directory))
+    with jax.default_matmul_precision("float32"):
+        return verify(data, fifo.unet_denoiser(graphdef, int(data["fps"][0])), params)
+
+
+def verify(data, denoise, params) -> bool:
+    """All checks for one denoiser (the fixture's U-Net) on the fixture data."""
+    ok = True
+    prompts, uncond = conditioning(data)
+    sampler = fifo.FifoSampler(denoise, params, fifo_config(data, lookahead=False))
+    base, trace = sampler.base_video(
+        prompts,
+        uncond,
+        None,
+        x_T=jnp.asarray(to_frames(data["base_x_T"])),
+        noise=jnp.asarray(to_frames(data["base_step_noise"])),
+    )
+    ok &= check("base_step_eps", trace[0][:, 0], to_frames(data["base_step_eps"])[:, 0], END_TO_END_TOL)
+    ok &= check("base_out", base, to_frames(data["base_out"])[0], END_TO_END_TOL)
+    for run_name, lookahead in RUNS:
+        ok &= verify_run(data, run_name, lookahead, denoise, params, base, prompts, uncond)
+    return bool(ok)
+
+
+def verify_run(data, run: str, lookahead: bool, denoise, params, base, prompts, uncond) -> bool:
+    sampler = fifo.FifoSampler(denoise, params, fifo_config(data, lookahead))
+    plan = sampler.plan
+    noise = injected_noise(data, run, plan)
+    ok = check(f"{run}_call_start_idx == plan", plan.starts, data[f"{run}_call_start_idx"], 0.0)
+    state = sampler.init(base, prompts, uncond, noise=noise.init)
+    ok &= check(f"{run}_queue_init", state.queue, to_frames(data[f"{run}_queue_init"])[0], END_TO_END_TOL)
+    frames = []
+    sampler.run(state, prompts, uncond, noise=noise, include_warmup=True, consumer=lambda i, x: frames.append(x))
+    dequeued = np.concatenate(frames)
+    ok &= check(f"{run}_dequeued", dequeued, to_frames(data[f"{run}_dequeued"])[0], END_TO_END_TOL)
+    kept = dequeued[plan.steps - plan.f :]
+    ok &= check(f"{run}_output_latents", kept, to_frames(data[f"{run}_output_latents"])[0], END_TO_END_TOL)
+    return ok & teacher_forced(data, run, sampler, noise, prompts, uncond)
+
+
+def teacher_forced(data, run: str, sampler: fifo.FifoSampler, noise: fifo.InjectedNoise, prompts, uncond) -> bool:
+    """Recorded call_in → guided ε and DDIM update, one batched call (all R windows × CFG) per iteration."""
+    plan = sampler.plan
+    inputs = sampler.inputs(prompts, uncond, None, int(data["new_video_length"]))
+
+    @jax.jit
+    def windows(x, idx, z):
+        eps = fifo.denoise_windows(sampler.denoise, plan, sampler.params, inputs, x, idx, jnp.zeros(idx.shape, jnp.int32))
+        return eps, inputs.schedule.step(x, eps, idx, z)[0]
+
+    call_in, indices = to_frames(data[f"{run}_call_in"])[:, :, 0], data[f"{run}_call_indices"]
+    eps, out = zip(*(windows(call_in[k], indices[k], noise.steps[k]) for k in range(call_in.shape[0])))
+    ok = check(f"{run}_call_eps (teacher-forced)", np.stack(eps), to_frames(data[f"{run}_call_eps"])[:, :, 0], TEACHER_FORCED_TOL)
+    ok &= check(f"{run}_call_out (teacher-forced)", np.stack(out), to_frames(data[f"{run}_call_out"])[:, :, 0], TEACHER_FORCED_TOL)
+    timesteps = np.asarray(sampler.schedule.timesteps)[indices]
+    return ok & check(f"{run}_call_timesteps", timesteps, data[f"{run}_call_timesteps"], 0.0)
