@@ -183,6 +183,8 @@ def convert_state_dict(
     targets = target_shapes(abstract_state)
     filled: dict[str, np.ndarray] = {}
     slices: dict[str, dict[int, np.ndarray]] = {}
+    slice_keys: dict[str, dict[int, tuple[str, str]]] = {}  # stacked path → layer → key around its index
+    source_keys: dict[str, str] = {}  # target path → source key, for messages
     unmapped, problems = [], []
     for key in source:
         if any(re.fullmatch(p, key) for p in ignore):
@@ -203,12 +205,16 @@ def convert_state_dict(
             stacked = re.fullmatch(r"(.*)\[(\d+)\]", path)
             if stacked:
                 slices.setdefault(stacked.group(1), {})[int(stacked.group(2))] = value
+                slice_keys.setdefault(stacked.group(1), {})[int(stacked.group(2))] = _key_template(key, match, name)
             elif path in filled:
                 problems.append(f"{key}: target {path} is filled twice")
             else:
                 filled[path] = value
+                source_keys[path] = key
     for path, parts in slices.items():
-        filled[path] = _stack(path, parts, targets, problems)
+        filled[path] = _stack(path, parts, targets, problems, slice_keys[path])
+        if filled[path] is None:  # already reported; keeps the checks below quiet about it
+            filled[path] = _shape_only(targets[path][0]) if path in targets else np.zeros((0,))
     if unmapped:
         raise CheckpointError(f"{what}: {len(unmapped)} unexpected key(s) with no place in the model: "
                               + ", ".join(sorted(unmapped)))
@@ -222,7 +228,8 @@ def convert_state_dict(
     for path, value in filled.items():
         shape, dtype = targets[path]
         if tuple(value.shape) != shape:
-            problems.append(f"{path}: checkpoint gives shape {tuple(value.shape)}, model expects {shape}")
+            origin = f" (key {source_keys[path]})" if path in source_keys else ""
+            problems.append(f"{path}{origin}: checkpoint gives shape {tuple(value.shape)}, model expects {shape}")
         else:
             filled[path] = value.astype(dtype, copy=False)
     if problems:
@@ -238,16 +245,42 @@ def _first_match(rules: Sequence[Rule], key: str):
     return None, None
 
 
-def _stack(path: str, parts: dict[int, np.ndarray], targets, problems: list) -> np.ndarray:
+def _key_template(key: str, match: re.Match, target: str) -> tuple[str, str]:
+    """``key`` split around its layer index (the group that the target's ``[\\N]`` names)."""
+    group = re.search(r"\[\\(\d+)\]$", target)
+    if group is None:
+        return key, ""
+    start, end = match.span(int(group.group(1)))
+    return key[:start], key[end:]
+
+
+def _layer_keys(keys: dict[int, tuple[str, str]], layers: Iterable[int]) -> str:
+    template = next(iter(keys.values()), None)
+    if template is None:
+        return ""
+    return " (keys " + ", ".join(f"{template[0]}{i}{template[1]}" for i in layers) + ")"
+
+
+def _stack(path: str, parts: dict[int, np.ndarray], targets, problems: list,
+           keys: dict[int, tuple[str, str]] | None = None) -> np.ndarray | None:
+    """The layers of one stacked param in order, or None after appending what is wrong to ``problems``."""
+    keys = keys or {}
     expected = targets.get(path, ((len(parts),), None))[0][0]
     absent = sorted(set(range(expected)) - set(parts))
     if absent:
-        problems.append(f"{path}: layer(s) {absent} missing from the checkpoint")
-        return np.zeros((0,))
+        problems.append(f"{path}: layer(s) {absent} missing from the checkpoint{_layer_keys(keys, absent)}")
+        return None
     if len(parts) > expected:
-        problems.append(f"{path}: checkpoint has {len(parts)} layers, model has {expected}")
-        return np.zeros((0,))
+        extra = sorted(set(parts) - set(range(expected)))
+        problems.append(f"{path}: checkpoint has {len(parts)} layers, model has {expected}{_layer_keys(keys, extra)}")
+        return None
     ordered = [parts[i] for i in range(expected)]
+    layer_shape = targets[path][0][1:] if path in targets else tuple(ordered[0].shape)
+    wrong = [i for i, part in enumerate(ordered) if tuple(part.shape) != tuple(layer_shape)]
+    if wrong:
+        problems.extend(f"{path}[{i}]{_layer_keys(keys, [i])}: checkpoint gives shape {tuple(ordered[i].shape)}, "
+                        f"model expects {tuple(layer_shape)} per layer" for i in wrong)
+        return None
     if all(_is_shape_only(p) for p in ordered):
         return _shape_only((expected, *ordered[0].shape))
     return np.stack(ordered)
