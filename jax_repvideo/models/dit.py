@@ -102,6 +102,14 @@ class DiTConfig:
         return self.norm_eps if self.final_norm_eps is None else self.final_norm_eps
 
 
+# ``remat`` names → what a block keeps for the backward pass ("full": only its inputs).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def _chunks(x: jax.Array, n: int) -> list[jax.Array]:
     return jnp.split(x, n, axis=-1)
 
@@ -245,9 +253,13 @@ class CogVideoXDiT(nnx.Module):
     """
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_backend: str = "auto", attention_chunk: int = 1024, scan_layers: bool = True):
+                 attention_backend: str = "auto", attention_chunk: int = 1024, scan_layers: bool = True,
+                 remat: str = "none"):
         cfg = self.config = config
         self.dtype, self.scan_layers = dtype, scan_layers
+        if remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        self.remat = remat  # activation checkpointing of each block (training)
         d, p = cfg.inner_dim, cfg.patch_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(cfg, **kw)
@@ -345,6 +357,8 @@ class CogVideoXDiT(nnx.Module):
             return (out, window_sum, window_count), trace
 
         carry = (h, h, jnp.ones((), h.dtype)) if cfg.repvideo else (h, None, None)
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
             (h, _, _), trace = jax.lax.scan(step, carry, xs)
         else:
