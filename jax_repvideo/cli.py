@@ -11,6 +11,8 @@ CONVERTERS = {
     "videocrafter2": "convert.videocrafter2",
     "cogvideox": "convert.cogvideox",
     "repvideo": "convert.repvideo",
+    "cogvideox-vae": "convert.cogvideox_vae",
+    "t5": "convert.t5",
 }
 
 # command → module with ``main(config_path, overrides) -> int``.
