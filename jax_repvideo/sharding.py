@@ -11,8 +11,9 @@ One program runs from one GPU to a TPU pod; only the ``mesh`` section of the con
 * Models carry no sharding code. Their parameters get logical names from ``param_rules``: regexes on
   the dotted parameter path, first match wins, names aligned with the *trailing* dimensions (so a
   stacked, scanned layer's leading layer axis stays unsharded). Unmatched parameters are replicated.
-* Activations are placed at the model boundary (inputs and outputs of the jitted call); XLA's
-  sharding propagation carries the placement through the layers.
+* Activations are placed at the model boundary (inputs and outputs of the jitted call) and, inside
+  the layers, at the few points marked with ``models.logical.constrain`` (attention's q/k/v); XLA's
+  sharding propagation carries the placement everywhere else. Trace under ``Layout.activate()``.
 
 The DiT's joint attention under ``context``: the hidden state, the RepVideo window sum (computed
 elementwise from the hidden state in the same scan carry) and the queries stay split over tokens;
@@ -23,16 +24,19 @@ through the q/k/v/out-projection weights, so a head count the tensor size doesn'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jax_repvideo.models import logical
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
@@ -232,8 +236,16 @@ class Layout:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-        """Inside jit: pins an activation's placement by logical names."""
-        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+        """Inside jit: pins an activation's placement by logical names (a dim the mesh axes
+        don't divide stays whole)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape, strict=False))
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """Trace (and call) jitted model code inside this block: the layers' logical
+        ``models.logical.constrain`` marks then resolve against this mesh and its rules."""
+        with jax.set_mesh(self.mesh), logical.resolver(self.constrain):
+            yield
 
     # --- parameters
 

@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax_repvideo.models.logical import constrain
+
 BACKENDS = ("auto", "xla", "chunked", "cudnn")
 # Sequences longer than this never use the dense xla path under "auto".
 DENSE_MAX_TOKENS = 4096
@@ -40,6 +42,11 @@ def attention(
     if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention expects (B, L, H, D) q/k/v, got {q.shape}, {k.shape}, {v.shape}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    # Under a sharding context: queries split over tokens, keys/values gathered whole (context
+    # parallelism by all-gather of K/V), heads split over tensor. Identity otherwise.
+    q = constrain(q, ("batch", "seq", "act_heads", None))
+    k = constrain(k, ("batch", None, "act_heads", None))
+    v = constrain(v, ("batch", None, "act_heads", None))
     backend = _resolve(backend, q, k, bias)
     if backend == "xla":
         return _dense(q, k, v, bias, scale)
