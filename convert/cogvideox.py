@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.common import CheckpointError, Rule, conv2d, convert_state_dict, linear, load_safetensors_folder, to_numpy
+from convert.common import (CheckpointError, Rule, check_keys_only, conv2d, convert_state_dict, linear,
+                            load_safetensors_folder, to_numpy)
 from jax_repvideo import checkpoint
 from jax_repvideo.config import from_dict, to_dict
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
@@ -124,10 +125,6 @@ def abstract_model(cfg: DiTConfig, **kwargs) -> CogVideoXDiT:
     return nnx.eval_shape(lambda: CogVideoXDiT(cfg, rngs=nnx.Rngs(0), **kwargs))
 
 
-def shape_of(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(to_numpy(value).shape)
-
-
 def convert_diffusers_state(state: Mapping[str, Any], cfg: DiTConfig, what: str = "diffusers transformer"
                             ) -> dict[str, np.ndarray]:
     """diffusers state dict (name → tensor/array/lazy) → flat dotted params of ``CogVideoXDiT``."""
@@ -135,6 +132,12 @@ def convert_diffusers_state(state: Mapping[str, Any], cfg: DiTConfig, what: str 
         raise CheckpointError(f"{what}: a diffusers CogVideoX checkpoint has no RepVideo gates; use repvideo=false")
     check_source_keys({k: _source_shape(v) for k, v in state.items()}, expected_shapes(cfg), what)
     return convert_state_dict(state, RULES, nnx.state(abstract_model(cfg), nnx.Param), what=what)
+
+
+def check_manifest(keys_and_shapes: Mapping[str, Any], cfg: DiTConfig, what: str = "diffusers manifest") -> None:
+    """The strict conversion check for a key → shape manifest, without allocating any weights."""
+    check_source_keys({k: tuple(s) for k, s in keys_and_shapes.items()}, expected_shapes(cfg), what)
+    check_keys_only(keys_and_shapes, RULES, nnx.state(abstract_model(cfg), nnx.Param), what=what)
 
 
 def _source_shape(value: Any) -> tuple[int, ...]:

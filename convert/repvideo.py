@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from convert.cogvideox import _source_shape, abstract_model, check_source_keys
-from convert.common import (CheckpointError, Rule, conv2d, convert_state_dict, linear, load_safetensors,
+from convert.common import (CheckpointError, Rule, check_keys_only, conv2d, convert_state_dict, linear, load_safetensors,
                             load_torch_state_dict)
 from jax_repvideo import checkpoint
 from jax_repvideo.config import to_dict
@@ -153,6 +153,15 @@ def convert_sat_state(state: Mapping[str, Any], cfg: DiTConfig, what: str = "Rep
     check_source_keys(shapes, expected_shapes(cfg), what)
     return convert_state_dict(state, RULES, nnx.state(abstract_model(cfg), nnx.Param), ignore=[POS_TABLE],
                               what=what)
+
+
+def check_manifest(keys_and_shapes: Mapping[str, Any], cfg: DiTConfig = REPVIDEO_2B,
+                   what: str = "RepVideo SAT manifest") -> None:
+    """The strict conversion check for a key → shape manifest (prefixed or not), allocating nothing."""
+    shapes = {k: tuple(s) for k, s in sat_keys(keys_and_shapes).items()}
+    check_source_keys({k: s for k, s in shapes.items() if not re.fullmatch(POS_TABLE, k)},
+                      expected_shapes(cfg), what)
+    check_keys_only(shapes, RULES, nnx.state(abstract_model(cfg), nnx.Param), ignore=[POS_TABLE], what=what)
 
 
 def config_from_sat(network_config: Mapping[str, Any]) -> DiTConfig:
