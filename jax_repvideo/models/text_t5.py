@@ -46,7 +46,8 @@ def config_from_transformers(data: Mapping[str, Any], **overrides) -> T5Config:
     proj = data.get("feed_forward_proj", "gated-gelu")
     if proj != "gated-gelu":
         raise ValueError(f"T5 config: feed_forward_proj={proj!r} is not supported (T5 v1.1 uses 'gated-gelu')")
-    fields = {f.name for f in dataclasses.fields(T5Config)}
+    # The checkpoint's storage dtype (transformers' "dtype") is not a compute choice: pass dtype= to pick one.
+    fields = {f.name for f in dataclasses.fields(T5Config)} - {"dtype", "param_dtype"}
     values = {k: v for k, v in data.items() if k in fields}
     values.update(overrides)
     return T5Config(**values)

@@ -95,7 +95,7 @@ def config_from_diffusers(data: Mapping[str, Any], **overrides) -> CogVideoXVAEC
         kinds = set(data.get(key, ()))
         if kinds - {"CogVideoXDownBlock3D", "CogVideoXUpBlock3D"}:
             raise ValueError(f"vae config: {key}={data[key]!r} is not supported")
-    fields = {f.name for f in dataclasses.fields(CogVideoXVAEConfig)}
+    fields = {f.name for f in dataclasses.fields(CogVideoXVAEConfig)} - {"dtype", "param_dtype"}
     values = {k: v for k, v in data.items() if k in fields}
     values["block_out_channels"] = tuple(values.get("block_out_channels", CogVideoXVAEConfig.block_out_channels))
     if "temporal_compression_ratio" in values:
