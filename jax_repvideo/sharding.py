@@ -178,7 +178,7 @@ def check_model(model_config: Any, cfg: MeshConfig) -> None:
     """Checks a model's architecture config against the mesh (head counts today)."""
     for name in HEAD_FIELDS:
         heads = getattr(model_config, name, None)
-        if isinstance(heads, int) and cfg.tensor > 1:
+        if isinstance(heads, int) and heads > 0 and cfg.tensor > 1:
             check_heads(heads, cfg, type(model_config).__name__)
 
 
@@ -246,6 +246,19 @@ class Layout:
         ``models.logical.constrain`` marks then resolve against this mesh and its rules."""
         with jax.set_mesh(self.mesh), logical.resolver(self.constrain):
             yield
+
+    def shard_denoiser(self, denoise: Callable) -> Callable:
+        """Wraps ``denoise(params, latents, timesteps, cond)`` (the FIFO / sampler contract) so the
+        batch axis of its inputs and output (FIFO: windows × CFG) is split by the ``batch`` rule."""
+
+        def batch_first(a):
+            return self.constrain(a, ("batch",) + (None,) * (a.ndim - 1))
+
+        def sharded(params, latents, timesteps, cond):
+            latents, timesteps, cond = jax.tree.map(batch_first, (latents, timesteps, cond))
+            return batch_first(denoise(params, latents, timesteps, cond))
+
+        return sharded
 
     # --- parameters
 

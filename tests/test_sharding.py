@@ -84,6 +84,123 @@ def _check_vae(layout) -> dict:
     return {"vae_error": _rel(out, ref), "vae_out_spec": _spec(out)}
 
 
+def _tiny_unet_config():
+    from jax_repvideo.models.unet3d import UNet3DConfig
+
+    return UNet3DConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                        num_head_channels=16, context_dim=16, temporal_length=4, use_checkpoint=False)
+
+
+def _check_unet(layout) -> dict:
+    """U-Net forward with the batch on ``data``."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jax_repvideo.models.unet3d import UNet3D
+
+    cfg = _tiny_unet_config()
+    constructor = lambda: UNet3D(cfg, rngs=nnx.Rngs(2), attention_backend="xla")  # noqa: E731
+    rng = np.random.RandomState(1)
+    x = rng.randn(8, 4, 8, 8, 4).astype(np.float32)
+    t = rng.randint(0, 1000, (8, 4)).astype(np.int32)
+    context = rng.randn(8, 4, 5, cfg.context_dim).astype(np.float32)
+    graphdef, state = nnx.split(constructor())
+
+    def forward(state, x, t, context):
+        return nnx.merge(graphdef, state)(x, t, context, 8)
+
+    ref = jax.jit(forward)(state, x, t, context)
+    with layout.activate():
+        sharded_state = nnx.split(layout.init_model(constructor))[1]
+        args = [layout.put(a, ("batch",) + (None,) * (a.ndim - 1)) for a in (x, t, context)]
+        out = jax.jit(forward)(sharded_state, *args)
+    return {"unet_error": _rel(out, ref), "unet_out_spec": _spec(out)}
+
+
+def _check_fifo(layout) -> dict:
+    """One FIFO chunk: windows × CFG on ``data``; the noise is drawn inside, from the same key."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jax_repvideo import fifo
+    from jax_repvideo.models.unet3d import UNet3D
+
+    cfg = _tiny_unet_config()
+    constructor = lambda: UNet3D(cfg, rngs=nnx.Rngs(4), attention_backend="xla")  # noqa: E731
+    fifo_cfg = fifo.FifoConfig(video_length=4, num_partitions=2, lookahead=True, new_video_length=4,
+                               chunk_size=2, guidance_scale=7.5)
+    rng = np.random.RandomState(2)
+    base = rng.randn(4, 8, 8, 4).astype(np.float32)
+    prompts = {"context": rng.randn(1, 5, cfg.context_dim).astype(np.float32)}
+    uncond = {"context": np.zeros((5, cfg.context_dim), np.float32)}
+
+    def one_chunk(denoise, params):
+        sampler = fifo.FifoSampler(denoise, params, fifo_cfg)
+        assert 2 * len(sampler.plan.starts) == 8  # windows × CFG: one per device
+        state = sampler.init(base, prompts, uncond, key=jax.random.PRNGKey(7))
+        frames = []
+        state = sampler.run(state, prompts, uncond, max_chunks=1, include_warmup=True,
+                            consumer=lambda i, x: frames.append(x))
+        return np.concatenate(frames), np.asarray(state.queue)
+
+    graphdef, state = nnx.split(constructor())
+    ref_frames, ref_queue = one_chunk(fifo.unet_denoiser(graphdef, 8), state)
+    with layout.activate():
+        sharded_state = nnx.split(layout.init_model(constructor))[1]
+        frames, queue = one_chunk(layout.shard_denoiser(fifo.unet_denoiser(graphdef, 8)), sharded_state)
+    return {"fifo_error": max(_rel(frames, ref_frames), _rel(queue, ref_queue)), "fifo_frames": len(frames)}
+
+
+def _tiny_dit_config():
+    from jax_repvideo.models.dit import DiTConfig
+
+    return DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+                     text_embed_dim=16, num_layers=3, sample_width=8, sample_height=8, sample_frames=5,
+                     max_text_seq_length=8, repvideo=True)
+
+
+def _check_dit(layout) -> dict:
+    """DiT forward with data=2, context=2, tensor=2; RepVideo gates random so the window sum matters."""
+    import re
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jax_repvideo.models.dit import CogVideoXDiT
+
+    cfg = _tiny_dit_config()
+
+    def constructor():
+        model = CogVideoXDiT(cfg, rngs=nnx.Rngs(5), attention_backend="xla")
+        model.gates[...] = jax.random.uniform(jax.random.PRNGKey(6), (cfg.num_layers,))
+        return model
+
+    rng = np.random.RandomState(3)
+    latents = rng.randn(2, 2, 8, 8, 4).astype(np.float32)
+    timesteps = np.array([[10.0, 20.0], [500.0, 600.0]], np.float32)
+    text = rng.randn(2, 8, 16).astype(np.float32)
+    graphdef, state = nnx.split(constructor())
+
+    def forward(state, latents, timesteps, text):
+        return nnx.merge(graphdef, state)(latents, timesteps, text)
+
+    ref = jax.jit(forward)(state, latents, timesteps, text)
+    with layout.activate():
+        sharded_state = nnx.split(layout.init_model(constructor))[1]
+        args = [layout.put(a, ("batch",) + (None,) * (a.ndim - 1)) for a in (latents, timesteps, text)]
+        out = jax.jit(forward)(sharded_state, *args)
+        hlo = jax.jit(forward).lower(sharded_state, *args).compile().as_text()
+    # The layer-scan carry (h, window_sum, count): per device (B/data, tokens/context, D) = (1, 20, 32).
+    loop_carry = re.search(r"while\((%[\w.]+)\)", hlo).group(1)
+    carry_types = re.search(re.escape(loop_carry) + r" = \(([^)]*)\)", hlo).group(1)
+    q_kernel = sharded_state["blocks"]["attn1"]["to_q"]["kernel"].get_value()
+    return {"dit_error": _rel(out, ref), "dit_carry_hidden_shards": carry_types.count("f32[1,20,32]"),
+            "dit_q_kernel_spec": _spec(q_kernel)}
+
+
 def run_checks(tmp: Path) -> dict:
     import jax
 
@@ -94,6 +211,9 @@ def run_checks(tmp: Path) -> dict:
     results: dict = {"devices": jax.device_count()}
     data8 = sharding.setup(sharding.MeshConfig(data=8))
     results.update(_check_vae(data8))
+    results.update(_check_unet(data8))
+    results.update(_check_fifo(data8))
+    results.update(_check_dit(sharding.setup(sharding.MeshConfig(data=2, context=2, tensor=2))))
     results.update(_check_restore(sharding.setup(sharding.MeshConfig(data=2, fsdp=4)), tmp))
     return results
 
@@ -115,6 +235,22 @@ def eight_devices(tmp_path_factory) -> dict:
 
 def test_runs_on_eight_devices(eight_devices):
     assert eight_devices["devices"] == 8
+
+
+def test_unet_batch_on_data(eight_devices):
+    assert eight_devices["unet_out_spec"][0] == "data"
+    assert eight_devices["unet_error"] <= TOLERANCE
+
+
+def test_fifo_chunk_windows_on_data(eight_devices):
+    assert eight_devices["fifo_frames"] == 2
+    assert eight_devices["fifo_error"] <= TOLERANCE
+
+
+def test_dit_data_context_tensor(eight_devices):
+    assert eight_devices["dit_error"] <= TOLERANCE
+    assert eight_devices["dit_q_kernel_spec"] == [None, None, "tensor"]  # stacked layers, heads on tensor
+    assert eight_devices["dit_carry_hidden_shards"] == 2  # h and the RepVideo window sum, both split
 
 
 def test_vae_decode_frames_on_data(eight_devices):
