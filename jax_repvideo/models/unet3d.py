@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_repvideo.caches import QCacheConfig, qcache_weights
+from jax_repvideo import caches
+from jax_repvideo.caches import QCacheConfig
 from jax_repvideo.models.layers import GroupNorm, timestep_embedding
 from jax_repvideo.models.unet_blocks import (Downsample, ResBlock, SpatialTransformer, TemporalTransformer,
                                              Upsample, _conv, _linear)
@@ -297,7 +298,7 @@ class UNet3D(nnx.Module):
         mix = None
         if qcache is not None and qcache.enabled:
             validate_qcache(cfg, qcache)
-            v = qcache_weights(qcache, steps) if qcache_weights is None else qcache_weights
+            v = caches.qcache_weights(qcache, steps) if qcache_weights is None else qcache_weights
             mix = (qcache.map, jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b, t)))
         run = _BlockRunner(b, emb, context, mix)
 
