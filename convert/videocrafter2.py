@@ -165,7 +165,8 @@ def split_checkpoint(state: Mapping[str, Any]) -> dict[str, dict]:
     return groups
 
 
-def _convert_group(module_name: str, function: str, sub_state: dict, prefix: str) -> dict:
+def _convert_group(module_name: str, function: str, sub_state: dict, prefix: str, group_cfg=None):
+    """(flat params, the architecture config used: ``group_cfg`` or the module's ``DEFAULT_CONFIG``)."""
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -174,25 +175,31 @@ def _convert_group(module_name: str, function: str, sub_state: dict, prefix: str
         raise CheckpointError(f"the checkpoint holds {len(sub_state)} '{prefix}*' tensors (e.g. "
                               f"{prefix}{next(iter(sub_state))}), but {module_name}.{function} does not exist "
                               f"yet; refusing to drop them") from None
-    return getattr(module, function)(sub_state)
+    group_cfg = group_cfg or module.DEFAULT_CONFIG
+    return getattr(module, function)(sub_state, group_cfg), group_cfg
 
 
-def convert_checkpoint(state: Mapping[str, Any], cfg) -> tuple[dict[str, np.ndarray], dict]:
-    """Whole LatentDiffusion state_dict → (flat params ``{"unet.…", "vae.…", "text.…"}``, config)."""
+def convert_checkpoint(state: Mapping[str, Any], cfg, vae_cfg=None, text_cfg=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Whole LatentDiffusion state_dict → (flat params ``{"unet.…", "vae.…", "text.…"}``, config).
+
+    ``vae_cfg`` / ``text_cfg`` default to the full-size VideoCrafter2 VAE and OpenCLIP ViT-H-14 text tower.
+    """
     from jax_repvideo.config import to_dict
 
     groups = split_checkpoint(state)
     validate_schedule(groups["schedule"])
     flat = {f"unet.{k}": v for k, v in convert_unet(groups["unet"], cfg).items()}
-    present = ["unet"]
-    for group, module, function, prefix in (("vae", "convert.videocrafter2_vae", "convert_vae", VAE_PREFIX),
-                                            ("text", "convert.videocrafter2_text", "convert_text", TEXT_PREFIX)):
+    present, group_configs = ["unet"], {}
+    for group, module, function, prefix, group_cfg in (
+            ("vae", "convert.videocrafter2_vae", "convert_vae", VAE_PREFIX, vae_cfg),
+            ("text", "convert.videocrafter2_text", "convert_text", TEXT_PREFIX, text_cfg)):
         if groups[group]:
-            flat.update({f"{group}.{k}": v for k, v in _convert_group(module, function, groups[group],
-                                                                      prefix).items()})
+            params, used_cfg = _convert_group(module, function, groups[group], prefix, group_cfg)
+            flat.update({f"{group}.{k}": v for k, v in params.items()})
             present.append(group)
-    config = {"kind": "videocrafter2", "unet": to_dict(cfg), "schedule": dict(SCHEDULE), "groups": present,
-              "schedule_buffers_checked": sorted(groups["schedule"])}
+            group_configs[group] = to_dict(used_cfg)
+    config = {"kind": "videocrafter2", "unet": to_dict(cfg), **group_configs, "schedule": dict(SCHEDULE),
+              "groups": present, "schedule_buffers_checked": sorted(groups["schedule"])}
     return flat, config
 
 
@@ -208,12 +215,28 @@ def load_unet_config(path: str | Path | None):
     return from_dict(UNet3DConfig, data.get("unet", data))
 
 
+def load_group_configs(path: str | Path | None) -> tuple[Any, Any]:
+    """(VAE, text) configs from the ``vae`` / ``text`` sections of a config file; None where absent."""
+    from jax_repvideo.config import from_dict, load_yaml
+    from jax_repvideo.models.text_clip import OpenCLIPTextConfig
+    from jax_repvideo.models.vae_kl import AutoencoderKLConfig
+
+    if path is None:
+        return None, None
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.suffix == ".json" else load_yaml(path)
+    return (from_dict(AutoencoderKLConfig, data["vae"], "vae") if "vae" in data else None,
+            from_dict(OpenCLIPTextConfig, data["text"], "text") if "text" in data else None)
+
+
 def main(src, dst, config: str | Path | None = None) -> Path:
-    """Converts ``src`` (LVDM ``.ckpt``) into ``dst``; ``config`` overrides the U-Net architecture."""
+    """Converts ``src`` (LVDM ``.ckpt``) into ``dst``; ``config`` overrides the architectures
+    (its ``unet`` section, or the whole file, for the U-Net; optional ``vae`` and ``text`` sections)."""
     from jax_repvideo import checkpoint
 
     cfg = load_unet_config(config)
-    flat, config_dict = convert_checkpoint(load_torch_state_dict(src), cfg)
+    vae_cfg, text_cfg = load_group_configs(config)
+    flat, config_dict = convert_checkpoint(load_torch_state_dict(src), cfg, vae_cfg, text_cfg)
     out = checkpoint.save(dst, flat, config_dict)
     print(f"wrote {len(flat)} tensors ({', '.join(config_dict['groups'])}) to {out}")
     return out

@@ -20,6 +20,8 @@ PREFIX = "cond_stage_model.model."
 IGNORED = (r"text_projection", r"logit_scale")
 
 _BLOCK = r"transformer\.resblocks\.(\d+)\."
+DEFAULT_CONFIG = VIDEOCRAFTER2_TEXT  # the released VideoCrafter2 model
+
 RULES = [
     Rule(r"token_embedding\.weight", "token_embedding.embedding"),
     Rule(r"positional_embedding", "positional_embedding"),
@@ -38,7 +40,7 @@ RULES = [
 
 def abstract_text(cfg: OpenCLIPTextConfig | None = None) -> OpenCLIPTextEncoder:
     """The model with shapes only (``nnx.eval_shape``): nothing is allocated."""
-    cfg = cfg or VIDEOCRAFTER2_TEXT
+    cfg = cfg or DEFAULT_CONFIG
     return nnx.eval_shape(lambda: OpenCLIPTextEncoder(cfg, rngs=nnx.Rngs(0)))
 
 

@@ -21,6 +21,8 @@ _NORM = rf"({_SIDE}\.(?:.*\.(?:norm1|norm2|norm)|norm_out))"
 _CONV = (rf"({_SIDE}\.(?:conv_in|conv_out|.*\.(?:conv1|conv2|nin_shortcut|conv|q|k|v|proj_out))"
          r"|quant_conv|post_quant_conv)")
 
+DEFAULT_CONFIG = VIDEOCRAFTER2_VAE  # the released VideoCrafter2 model
+
 RULES = [
     Rule(_NORM + r"\.weight", r"\1.scale"),
     Rule(_NORM + r"\.bias", r"\1.bias"),
@@ -31,7 +33,7 @@ RULES = [
 
 def abstract_vae(cfg: AutoencoderKLConfig | None = None) -> AutoencoderKL:
     """The model with shapes only (``nnx.eval_shape``): nothing is allocated."""
-    cfg = cfg or VIDEOCRAFTER2_VAE
+    cfg = cfg or DEFAULT_CONFIG
     return nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
 
 

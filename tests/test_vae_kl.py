@@ -107,3 +107,24 @@ def test_misshaped_key_is_named(state, tiny_cfg):
 def test_unexpected_key_is_named(state, tiny_cfg):
     with pytest.raises(CheckpointError, match=r"encoder\.mid\.attn_2\.q"):
         convert_vae({**state, "encoder.mid.attn_2.q.weight": state["encoder.mid.attn_1.q.weight"]}, tiny_cfg)
+
+
+def test_whole_checkpoint_routes_vae_and_text_groups(fixtures_dir, state, tiny_cfg, monkeypatch):
+    """``convert.videocrafter2`` hands ``first_stage_model.*`` / ``cond_stage_model.model.*`` to our converters."""
+    import convert.videocrafter2 as whole
+    from convert.videocrafter2_text import convert_text
+    from jax_repvideo.models.text_clip import OpenCLIPTextConfig
+
+    # The U-Net group is its own converter's business (and slow to trace): stub it out here.
+    monkeypatch.setattr(whole, "convert_unet", lambda sub_state, cfg: {"stub": np.zeros(1)})
+    text_cfg = load(OpenCLIPTextConfig, ROOT / "configs" / "tiny_clip.yaml")
+    text_state = load_torch_state_dict(fixtures_dir / "vc2_vae_text" / "text.ckpt")
+    combined = {"model.diffusion_model.stub": np.zeros(1), **{PREFIX + k: v for k, v in state.items()}, **text_state}
+    flat, config = whole.convert_checkpoint(combined, None, tiny_cfg, text_cfg)
+    assert config["groups"] == ["unet", "vae", "text"] and config["vae"]["ch_mult"] == [1, 2, 2]
+    expected = {**{f"vae.{k}": v for k, v in convert_vae(state, tiny_cfg).items()},
+                **{f"text.{k}": v for k, v in convert_text(strip_prefix(text_state, "cond_stage_model.model."),
+                                                           text_cfg).items()}}
+    assert set(flat) == set(expected) | {"unet.stub"}
+    for key, value in expected.items():
+        np.testing.assert_array_equal(flat[key], value)
