@@ -54,7 +54,7 @@ def test_tiny_preset_matches_the_fixture_config(fixture, tiny_cfg):
     assert from_ldm_config(json.loads((fixture / "vae_config.json").read_text())) == tiny_cfg
 
 
-def test_chunked_video_decode_equals_one_shot():
+def test_chunked_video_decode_and_encode_equal_one_shot():
     cfg = AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # smaller than the fixture: fast compile
     graphdef, params = nnx.split(abstract_vae(cfg))
     rng = np.random.default_rng(0)  # numpy weights: nnx's truncated-normal init costs seconds to compile
@@ -66,11 +66,15 @@ def test_chunked_video_decode_equals_one_shot():
     def decode(params, z):
         model = nnx.merge(graphdef, params)
         one_shot = model.decode_latents(z.reshape(6, 4, 6, -1)).reshape(2, 3, 8, 12, -1)
-        return one_shot, model.decode_video(z, frame_chunk=4)  # 6 frames → chunks of 4, 2 + 2 padding
+        chunked = model.decode_video(z, frame_chunk=4)  # 6 frames → chunks of 4: 2 + 2 padding frames
+        encoded = model.encode_latents(one_shot.reshape(6, 8, 12, -1)).reshape(2, 3, 4, 6, -1)
+        return one_shot, chunked, encoded, model.encode_video(one_shot, frame_chunk=4)
 
-    one_shot, chunked = decode(params, z)
-    assert chunked.shape == (2, 3, 8, 12, 3) and np.isfinite(one_shot).all() and float(jnp.abs(one_shot).max()) > 0.1
+    one_shot, chunked, encoded, encoded_chunked = decode(params, z)
+    assert chunked.shape == (2, 3, 8, 12, 3) and encoded_chunked.shape == z.shape
+    assert np.isfinite(one_shot).all() and float(jnp.abs(one_shot).max()) > 0.1
     np.testing.assert_allclose(chunked, one_shot, rtol=0, atol=1e-5 * float(jnp.abs(one_shot).max()))
+    np.testing.assert_allclose(encoded_chunked, encoded, rtol=0, atol=1e-5 * float(jnp.abs(encoded).max()))
 
 
 def test_full_size_keys_map_onto_the_full_size_model():
