@@ -23,7 +23,7 @@ from flax import nnx
 from jax_repvideo import caches
 from jax_repvideo.caches import QCacheConfig
 from jax_repvideo.models.layers import GroupNorm, timestep_embedding
-from jax_repvideo.models.unet_blocks import (Downsample, ResBlock, SpatialTransformer, TemporalTransformer,
+from jax_repvideo.models.unet_blocks import (Downsample, KeySource, ResBlock, SpatialTransformer, TemporalTransformer,
                                              Upsample, _conv, _linear)
 
 
@@ -245,7 +245,7 @@ class UNet3D(nnx.Module):
         validate_config(config)
         self.config = config
         self.dtype = dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySource(rngs.params()))
         mc, emb_dim = config.model_channels, 4 * config.model_channels
         self.time_embed = _EmbedMLP(mc, emb_dim, **kw)
         self.fps_embedding = _EmbedMLP(mc, emb_dim, **kw) if config.fps_cond else None

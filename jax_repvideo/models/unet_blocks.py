@@ -15,6 +15,21 @@ from jax_repvideo.models.attention import attention
 from jax_repvideo.models.layers import GroupNorm, LayerNorm
 
 
+class KeySource:
+    """Hands out init keys like ``rngs.params()`` from a Python counter.
+
+    ``nnx.Rngs`` keeps its counter in a Variable; updating it under ``nnx.eval_shape`` costs time
+    proportional to the trace so far (flax 0.12 / jax 0.10), which made abstract init quadratic.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
 def _conv(cin, cout, kernel, *, stride=1, dtype, param_dtype, rngs):
     padding = tuple((k // 2, k // 2) for k in kernel)
     return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, dtype=dtype,
