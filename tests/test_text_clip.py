@@ -17,7 +17,7 @@ from jax_repvideo.models.text_clip import OpenCLIPTextConfig, from_embedder_conf
 from jax_repvideo.models.tokenizer_clip import ClipTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = ROOT.parent / "shared" / "fixtures" / "videocrafter2" / "checkpoint_manifest.json"
+MANIFEST = ROOT / "tests" / "fixtures" / "videocrafter2" / "checkpoint_manifest.json"
 
 
 @pytest.fixture(scope="module")

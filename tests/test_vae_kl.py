@@ -17,7 +17,7 @@ from jax_repvideo.config import load
 from jax_repvideo.models.vae_kl import AutoencoderKLConfig, from_ldm_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = ROOT.parent / "shared" / "fixtures" / "videocrafter2" / "checkpoint_manifest.json"
+MANIFEST = ROOT / "tests" / "fixtures" / "videocrafter2" / "checkpoint_manifest.json"
 
 
 @pytest.fixture(scope="module")
