@@ -130,7 +130,7 @@ def convert_diffusers_state(state: Mapping[str, Any], cfg: DiTConfig, what: str 
     """diffusers state dict (name → tensor/array/lazy) → flat dotted params of ``CogVideoXDiT``."""
     if cfg.repvideo:
         raise CheckpointError(f"{what}: a diffusers CogVideoX checkpoint has no RepVideo gates; use repvideo=false")
-    check_source_keys({k: _source_shape(v) for k, v in state.items()}, expected_shapes(cfg), what)
+    check_source_keys({k: source_shape(v) for k, v in state.items()}, expected_shapes(cfg), what)
     return convert_state_dict(state, RULES, nnx.state(abstract_model(cfg), nnx.Param), what=what)
 
 
@@ -140,7 +140,7 @@ def check_manifest(keys_and_shapes: Mapping[str, Any], cfg: DiTConfig, what: str
     check_keys_only(keys_and_shapes, RULES, nnx.state(abstract_model(cfg), nnx.Param), what=what)
 
 
-def _source_shape(value: Any) -> tuple[int, ...]:
+def source_shape(value: Any) -> tuple[int, ...]:
     if hasattr(value, "shape"):
         return tuple(value.shape)
     if hasattr(value, "path"):  # lazy safetensors entry: read the header only

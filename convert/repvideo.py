@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from convert.cogvideox import _source_shape, abstract_model, check_source_keys
+from convert.cogvideox import abstract_model, check_source_keys, source_shape
 from convert.common import (CheckpointError, Rule, check_keys_only, conv2d, convert_state_dict, linear, load_safetensors,
                             load_torch_state_dict)
 from jax_repvideo import checkpoint
@@ -149,7 +149,7 @@ def convert_sat_state(state: Mapping[str, Any], cfg: DiTConfig, what: str = "Rep
     if not cfg.repvideo:
         raise CheckpointError(f"{what}: the RepVideo converter needs a config with repvideo=true")
     state = sat_keys(state)
-    shapes = {k: _source_shape(v) for k, v in state.items() if not re.fullmatch(POS_TABLE, k)}
+    shapes = {k: source_shape(v) for k, v in state.items() if not re.fullmatch(POS_TABLE, k)}
     check_source_keys(shapes, expected_shapes(cfg), what)
     return convert_state_dict(state, RULES, nnx.state(abstract_model(cfg), nnx.Param), ignore=[POS_TABLE],
                               what=what)
