@@ -213,3 +213,9 @@ def test_verify_cogvideox_live_diffusers(tmp_path, kwargs, size, capsys):
     assert cli.main(["verify", "cogvideox", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "max rel err" in line]
     assert len(lines) == 2 and all(line.endswith("ok") for line in lines)
+    if kwargs["num_layers"] == 2:  # a reference off by 1e-3 must fail the command
+        io = dict(np.load(tmp_path / "io.npz"))
+        io["case1.output"] = io["case1.output"] * (1 + 1e-3)
+        np.savez(tmp_path / "io.npz", **io)
+        assert cli.main(["verify", "cogvideox", str(tmp_path)]) == 1
+        assert capsys.readouterr().out.splitlines()[-1].endswith("FAIL")
