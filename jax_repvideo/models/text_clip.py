@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_repvideo.config import ConfigError, from_dict
 from jax_repvideo.models.attention import attention
 from jax_repvideo.models.layers import LayerNorm
 
@@ -37,9 +38,9 @@ class OpenCLIPTextConfig:
 
     def __post_init__(self):
         if self.width % self.heads:
-            raise ValueError(f"OpenCLIPTextConfig: width {self.width} does not split into {self.heads} heads")
+            raise ConfigError(f"OpenCLIPTextConfig: width {self.width} does not split into {self.heads} heads")
         if self.layers < 2:
-            raise ValueError(f"OpenCLIPTextConfig.layers must be ≥ 2, got {self.layers}")
+            raise ConfigError(f"OpenCLIPTextConfig.layers must be ≥ 2, got {self.layers}")
 
     @property
     def mlp_width(self) -> int:
@@ -52,8 +53,6 @@ VIDEOCRAFTER2_TEXT = OpenCLIPTextConfig()
 
 def from_embedder_config(data: dict) -> OpenCLIPTextConfig:
     """The config from a FrozenOpenCLIPEmbedder description: ``{open_clip_model_cfg: {text_cfg}, layer, ...}``."""
-    from jax_repvideo.config import from_dict
-
     fields = {f.name for f in dataclasses.fields(OpenCLIPTextConfig)}
     text_cfg = dict(data.get("open_clip_model_cfg", {}).get("text_cfg", {}))
     text_cfg.update({k: v for k, v in data.items() if k in fields})

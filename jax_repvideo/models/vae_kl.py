@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_repvideo.models.attention import attention
+from jax_repvideo.config import ConfigError, from_dict
+from jax_repvideo.models.attention import DENSE_MAX_TOKENS, attention
 from jax_repvideo.models.layers import GroupNorm
 
 NORM_GROUPS = 32
@@ -56,12 +57,12 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         if self.attn_resolutions:
-            raise ValueError("AutoencoderKLConfig.attn_resolutions: only [] (mid-block attention only, as in "
+            raise ConfigError("AutoencoderKLConfig.attn_resolutions: only [] (mid-block attention only, as in "
                              f"VideoCrafter2 / SD) is supported, got {list(self.attn_resolutions)}")
         if not self.double_z:
-            raise ValueError("AutoencoderKLConfig.double_z must be true: the KL posterior needs mean and logvar")
+            raise ConfigError("AutoencoderKLConfig.double_z must be true: the KL posterior needs mean and logvar")
         if self.ch % NORM_GROUPS:
-            raise ValueError(f"AutoencoderKLConfig.ch={self.ch} must be a multiple of {NORM_GROUPS} (GroupNorm groups)")
+            raise ConfigError(f"AutoencoderKLConfig.ch={self.ch} must be a multiple of {NORM_GROUPS} (GroupNorm groups)")
 
     @property
     def downsample_factor(self) -> int:
@@ -74,8 +75,6 @@ VIDEOCRAFTER2_VAE = AutoencoderKLConfig()
 
 def from_ldm_config(data: dict) -> AutoencoderKLConfig:
     """The config from LVDM's yaml/json layout: ``{ddconfig: {...}, embed_dim, scale_factor?}``."""
-    from jax_repvideo.config import from_dict
-
     flat = dict(data.get("ddconfig", {}))
     for key in ("embed_dim", "scale_factor"):
         if key in data:
@@ -125,7 +124,9 @@ class AttnBlock(nnx.Module):
         n, h, w, c = x.shape
         hn = self.norm(x)
         q, k, v = (proj(hn).reshape(n, h * w, 1, c) for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v).reshape(n, h, w, c)
+        # Never "auto": its cudnn choice cannot take this head width (= channels, 512 at full size).
+        backend = "xla" if h * w <= DENSE_MAX_TOKENS else "chunked"
+        out = attention(q, k, v, backend=backend).reshape(n, h, w, c)
         return x + self.proj_out(out)
 
 
