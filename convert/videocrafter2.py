@@ -14,6 +14,7 @@ Anything else is an error that names the keys. The output holds one parameter tr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -80,6 +81,54 @@ def unet_rules(cfg) -> list[Rule]:
     ]
 
 
+def _wb(prefix: str) -> list[str]:
+    return [f"{prefix}.weight", f"{prefix}.bias"]
+
+
+def _transformer_keys(path: str, cfg, temporal: bool) -> list[str]:
+    keys = _wb(f"{path}.norm") + _wb(f"{path}.proj_in") + _wb(f"{path}.proj_out")
+    for d in range(cfg.transformer_depth):
+        block = f"{path}.transformer_blocks.{d}"
+        for attn in ("attn1", "attn2"):
+            keys += [f"{block}.{attn}.to_{n}.weight" for n in "qkv"] + _wb(f"{block}.{attn}.to_out.0")
+            if temporal and cfg.use_relative_position:
+                keys += [f"{block}.{attn}.relative_position_{n}.embeddings_table" for n in "kv"]
+        keys += _wb(f"{block}.ff.net.0.proj") + _wb(f"{block}.ff.net.2")
+        keys += [k for n in (1, 2, 3) for k in _wb(f"{block}.norm{n}")]
+    return keys
+
+
+def _layer_keys(path: str, spec, cfg) -> list[str]:
+    if spec.kind in ("conv_in", "down", "up"):
+        return _wb({"conv_in": path, "down": f"{path}.op", "up": f"{path}.conv"}[spec.kind])
+    if spec.kind in ("spatial", "temporal"):
+        return _transformer_keys(path, cfg, spec.kind == "temporal")
+    keys = [k for sub in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3")
+            for k in _wb(f"{path}.{sub}")]
+    if spec.in_channels != spec.channels:
+        keys += _wb(f"{path}.skip_connection")
+    if cfg.temporal_conv:
+        keys += [k for sub in ("conv1.0", "conv1.2", "conv2.0", "conv2.3", "conv3.0", "conv3.3", "conv4.0", "conv4.3")
+                 for k in _wb(f"{path}.temopral_conv.{sub}")]
+    return keys
+
+
+def unet_state_dict_keys(cfg) -> list[str]:
+    """Every LVDM ``UNetModel`` state_dict key (no prefix) the config implies, in module order."""
+    from jax_repvideo.models.unet3d import unet_layout
+
+    keys = _wb("time_embed.0") + _wb("time_embed.2")
+    if cfg.fps_cond:
+        keys += _wb("fps_embedding.0") + _wb("fps_embedding.2")
+    for group, blocks in unet_layout(cfg).items():
+        for i, block in enumerate(blocks):
+            name = group if group in ("init_attn", "middle_block") else f"{group}.{i}"
+            for j, spec in enumerate(block):
+                keys += _layer_keys(f"{name}.{j}", spec, cfg)
+    return keys + _wb("out.0") + _wb("out.2")
+
+
+@functools.lru_cache(maxsize=4)
 def abstract_unet(cfg):
     """The U-Net with shapes only (``nnx.eval_shape``): no weights allocated."""
     from flax import nnx
@@ -89,10 +138,25 @@ def abstract_unet(cfg):
     return nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0)))
 
 
+def check_unet_keys(keys, cfg) -> None:
+    """Names, in LVDM terms, every key missing from or unexpected in a U-Net state_dict."""
+    expected = unet_state_dict_keys(cfg)
+    missing = [k for k in expected if k not in set(keys)]
+    unexpected = sorted(set(keys) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} key(s) missing: " + ", ".join(UNET_PREFIX + k for k in missing))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(UNET_PREFIX + k for k in unexpected))
+    if problems:
+        raise CheckpointError("VideoCrafter2 U-Net: " + "; ".join(problems))
+
+
 def convert_unet(state_dict: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
     """U-Net tensors (``model.diffusion_model.`` already stripped) → flat dotted Flax params."""
     from flax import nnx
 
+    check_unet_keys(list(state_dict), cfg)
     abstract = nnx.state(abstract_unet(cfg), nnx.Param)
     return convert_state_dict(state_dict, unet_rules(cfg), abstract, what="VideoCrafter2 U-Net")
 
