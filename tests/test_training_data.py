@@ -8,43 +8,7 @@ import numpy as np
 import pytest
 
 from jax_repvideo.training import data as D
-
-
-def moving_square(num_frames, height=32, width=48, seed=0):
-    """A bright square sliding over a dark gradient: easy to learn, clearly moving."""
-    rng = np.random.default_rng(seed)
-    y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    colour = rng.integers(128, 256, size=3)
-    base = np.linspace(0, 60, width, dtype=np.float32)[None, :, None].repeat(height, 0).repeat(3, 2)
-    frames = np.empty((num_frames, height, width, 3), np.uint8)
-    for t in range(num_frames):
-        frame = base.copy()
-        y, x = (y0 + t) % (height - 8), (x0 + 2 * t) % (width - 8)
-        frame[y : y + 8, x : x + 8] = colour
-        frames[t] = frame.astype(np.uint8)
-    return frames
-
-
-def write_video(path, frames, fps=8):
-    import imageio.v2 as imageio
-
-    with imageio.get_writer(str(path), format="FFMPEG", fps=fps, macro_block_size=1) as writer:
-        for frame in frames:
-            writer.append_data(frame)
-
-
-def write_folder(folder, lengths, captions="jsonl"):
-    """Videos ``clip{i}.mp4`` of the given frame counts with captions ``"clip i"``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, length in enumerate(lengths):
-        write_video(folder / f"clip{i}.mp4", moving_square(length, seed=i))
-        rows.append({"video": f"clip{i}.mp4", "caption": f"a square moving, clip {i}"})
-        if captions == "sidecar":
-            (folder / f"clip{i}.txt").write_text(rows[-1]["caption"] + "\n")
-    if captions == "jsonl":
-        (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
+from jax_repvideo.training.synthetic import write_folder
 
 
 def config(folder, **kw):

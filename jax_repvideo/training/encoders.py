@@ -1,0 +1,107 @@
+"""The frozen CogVideoX VAE + T5 used to turn clips and captions into DiT inputs.
+
+``FrozenEncoder`` implements ``data.Encoder``: the preprocessing pass stores its outputs in the
+tfds dataset, and training on pixels calls it per batch, so both paths give the same numbers.
+Videos are encoded to the posterior *mean* times ``scaling_factor`` (deterministic, so a stored
+latent is reproducible); captions are tokenized to ``max_text_seq_length`` (T5 with EOS, pad 0,
+no attention mask, as CogVideoX) and encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jax_repvideo import checkpoint
+from jax_repvideo.config import ConfigError, from_dict, load_yaml
+from jax_repvideo.models import text_t5, vae_cogvideox
+from jax_repvideo.models.dit import DiTConfig
+from jax_repvideo.training.config import EncoderConfig, TrainConfig
+
+PAD_ID, EOS_ID = 0, 1
+
+
+class FrozenEncoder:
+    def __init__(self, vae: vae_cogvideox.CogVideoXVAE, t5: text_t5.T5Encoder,
+                 tokenize: Callable[[list[str]], np.ndarray], fingerprint: str):
+        self.vae, self.t5, self.tokenize, self.fingerprint = vae, t5, tokenize, fingerprint
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        frames = jax.ShapeDtypeStruct((1, num_frames, height, width, 3), np.float32)
+        mean = jax.eval_shape(lambda x: vae_cogvideox.encode(self.vae, x)[0], frames)
+        return tuple(mean.shape[1:])
+
+    def text_shape(self) -> tuple[int, int]:
+        return (self.tokenize([""]).shape[1], self.t5.config.d_model)
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        x = np.asarray(frames, np.float32) / 127.5 - 1.0
+        mean, _ = vae_cogvideox.encode(self.vae, x)
+        return np.asarray(vae_cogvideox.scale_latents(self.vae, mean), np.float32)
+
+    def encode_text(self, captions: list[str]) -> np.ndarray:
+        return np.asarray(text_t5.encode(self.t5, self.tokenize(list(captions))), np.float32)
+
+
+def sentencepiece_tokenizer(model_file: str, length: int) -> Callable[[list[str]], np.ndarray]:
+    """T5's tokenizer: sentencepiece ids, truncated to ``length − 1``, then EOS, then pad."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+
+    def tokenize(captions: list[str]) -> np.ndarray:
+        return _pack([processor.encode(c)[: length - 1] for c in captions], length)
+
+    return tokenize
+
+
+def byte_tokenizer(vocab_size: int, length: int) -> Callable[[list[str]], np.ndarray]:
+    """A stand-in for tiny random T5s (no vocabulary file): UTF-8 bytes folded into the vocab."""
+
+    def tokenize(captions: list[str]) -> np.ndarray:
+        return _pack([[2 + b % (vocab_size - 2) for b in c.encode()][: length - 1] for c in captions], length)
+
+    return tokenize
+
+
+def _pack(rows: list[list[int]], length: int) -> np.ndarray:
+    ids = np.full((len(rows), length), PAD_ID, np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        ids[i, len(row)] = EOS_ID
+    return ids
+
+
+def _load(enc: EncoderConfig, config_cls, model_cls, what: str):
+    if enc.checkpoint:
+        saved = checkpoint.read_config(enc.checkpoint)
+        cfg = from_dict(config_cls, saved.get("model", saved), f"{what}.checkpoint")
+        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+        return checkpoint.restore_into(enc.checkpoint, abstract), f"{what}:{Path(enc.checkpoint).absolute()}"
+    if enc.preset:
+        data = load_yaml(enc.preset)
+        cfg = from_dict(config_cls, data.get("model", data), what)
+        digest = hashlib.sha256(repr(cfg).encode()).hexdigest()[:8]
+        return model_cls(cfg, rngs=nnx.Rngs(enc.seed)), f"{what}:random:{enc.seed}:{digest}"
+    raise ConfigError(f"{what}: set {what}.checkpoint (converted weights) or {what}.preset (random init)")
+
+
+def build_encoder(cfg: TrainConfig, dit: DiTConfig) -> FrozenEncoder:
+    """The VAE and T5 named by ``cfg.vae`` / ``cfg.text``, checked against the DiT's input sizes."""
+    vae, vae_id = _load(cfg.vae, vae_cogvideox.CogVideoXVAEConfig, vae_cogvideox.CogVideoXVAE, "vae")
+    t5, t5_id = _load(cfg.text, text_t5.T5Config, text_t5.T5Encoder, "text")
+    if vae.config.latent_channels != dit.in_channels:
+        raise ConfigError(f"vae.latent_channels {vae.config.latent_channels} != model.in_channels {dit.in_channels}")
+    if t5.config.d_model != dit.text_embed_dim:
+        raise ConfigError(f"text d_model {t5.config.d_model} != model.text_embed_dim {dit.text_embed_dim}")
+    length = dit.max_text_seq_length
+    if cfg.tokenizer:
+        tokenize, tok_id = sentencepiece_tokenizer(cfg.tokenizer, length), str(Path(cfg.tokenizer).absolute())
+    else:
+        tokenize, tok_id = byte_tokenizer(t5.config.vocab_size, length), "bytes"
+    return FrozenEncoder(vae, t5, tokenize, f"{vae_id}|{t5_id}|{tok_id}:{length}")

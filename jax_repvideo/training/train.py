@@ -1,0 +1,354 @@
+"""RepVideo fine-tuning: the jitted train step, the loop, orbax train state and the export.
+
+Objective (spec §1.7, §2.5): v-prediction MSE under the CogVideoX schedule (scaled-linear betas,
+SNR shift 3, zero terminal SNR), t uniform in {0…999} per sample and shared by its frames, and each
+sample's text embedding zeroed with probability ``text_dropout`` (0.1) for classifier-free guidance.
+
+Parameters live as one flat ``{dotted path: float32 array}`` dict (the master weights; the DiT
+computes in ``compute_dtype``). ``optax.multi_transform`` labels every path ``gates``, ``backbone``
+or ``frozen``: ``trainable: gates`` trains the RepVideo gates only, ``trainable: all`` the gates
+and the whole DiT. Frozen gradients are zeroed *before* global-norm clipping so the norm counts
+only what is trained, and XLA drops their unused weight-gradient matmuls.
+
+Every random draw of step ``k`` comes from ``fold_in(key(seed), k)`` and batch ``k`` from the
+data iterator's position, so a run restored from its orbax checkpoint (params, optimizer state,
+step, iterator position) continues bit for bit. The final params are exported in ``convert``'s
+inference format (``jax_repvideo.checkpoint``), which ``generate`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jax_repvideo import checkpoint
+from jax_repvideo.config import ConfigError, from_dict, load, load_yaml, to_dict
+from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
+from jax_repvideo.schedulers.cogvideox import CogVideoXSchedulerConfig, alphas_cumprod
+from jax_repvideo.training import data as data_lib
+from jax_repvideo.training.config import OptimConfig, TrainConfig
+
+CHECKPOINT_KIND = "repvideo"
+
+# ----------------------------------------------------------------------------- params
+
+
+def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+    """The model's ``nnx.Param`` leaves as ``{dotted path: array}``."""
+    state = nnx.state(model, nnx.Param)
+    return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(state)}
+
+
+def merge(graphdef, params: Mapping[str, jax.Array], rest) -> nnx.Module:
+    return nnx.merge(graphdef, checkpoint.nest(params), rest)
+
+
+def gate_paths(params: Mapping[str, Any], pattern: str) -> list[str]:
+    return sorted(p for p in params if re.search(pattern, p))
+
+
+def param_labels(params: Mapping[str, Any], trainable: str, pattern: str) -> dict[str, str]:
+    """``gates`` / ``backbone`` / ``frozen`` for every path (the multi_transform labels)."""
+    gates = set(gate_paths(params, pattern))
+    if trainable == "gates" and not gates:
+        raise ConfigError(f"trainable: gates, but no parameter matches gate_pattern {pattern!r} "
+                          "(is model.repvideo true?)")
+    backbone = "backbone" if trainable == "all" else "frozen"
+    return {p: "gates" if p in gates else backbone for p in params}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about the train step (hashable: a jit static argument)."""
+
+    optim: OptimConfig
+    labels: tuple[tuple[str, str], ...]
+    total_steps: int
+    text_dropout: float
+
+
+def learning_rate(optim: OptimConfig, peak: float, total_steps: int) -> optax.Schedule:
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak * optim.end_lr_ratio)
+
+
+def make_optimizer(spec: StepSpec) -> optax.GradientTransformation:
+    o, labels = spec.optim, dict(spec.labels)
+
+    def adamw(peak, decay):
+        return optax.adamw(learning_rate(o, peak, spec.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=decay)
+
+    def keep_trained(kind):
+        return optax.set_to_zero() if kind == "frozen" else optax.identity()
+
+    kinds = set(labels.values())
+    mask = optax.multi_transform({k: keep_trained(k) for k in kinds}, labels)
+    update = {"gates": adamw(o.gate_learning_rate, 0.0), "backbone": adamw(o.learning_rate, o.weight_decay),
+              "frozen": optax.set_to_zero()}
+    return optax.chain(mask, optax.clip_by_global_norm(o.grad_clip),
+                       optax.multi_transform({k: update[k] for k in kinds}, labels))
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def schedule_table(snr_shift_scale: float) -> jax.Array:
+    """ᾱ over t = 0…999 (float32), the CogVideoX training schedule."""
+    return jnp.asarray(alphas_cumprod(CogVideoXSchedulerConfig(snr_shift_scale=snr_shift_scale)), jnp.float32)
+
+
+def v_loss(model, latents, text, key, alphas_bar, text_dropout: float):
+    """v-prediction MSE (= SAT's x̂0 MSE weighted by 1/(1−ᾱ_t)) at a uniform random t per sample."""
+    b, frames = latents.shape[:2]
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (b,), 0, alphas_bar.shape[0])
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    keep = jax.random.uniform(k_drop, (b,)) >= text_dropout
+    text = jnp.where(keep[:, None, None], text, 0.0)
+    a = alphas_bar[t].reshape(b, 1, 1, 1, 1)
+    noisy = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise
+    target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * latents
+    pred = model(noisy, jnp.broadcast_to(t[:, None], (b, frames)), text)
+    return jnp.mean((pred.astype(jnp.float32) - target) ** 2)
+
+
+def _train_step(params, opt_state, rest, step, latents, text, alphas_bar, seed, *, graphdef, spec: StepSpec):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+
+    def loss_fn(p):
+        return v_loss(merge(graphdef, p, rest), latents, text, key, alphas_bar, spec.text_dropout)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    labels = dict(spec.labels)
+    grad_norm = optax.tree.norm({p: g for p, g in grads.items() if labels[p] != "frozen"})
+    updates, opt_state = make_optimizer(spec).update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+
+_STATIC = ("graphdef", "spec")
+_step_jit = jax.jit(_train_step, static_argnames=_STATIC)
+_step_jit_donated = jax.jit(_train_step, static_argnames=_STATIC, donate_argnums=(0, 1))
+
+
+def train_step_fn():
+    """The jitted step; params and optimizer state are donated where the backend supports it."""
+    return _step_jit if jax.default_backend() == "cpu" else _step_jit_donated
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config(cfg: TrainConfig) -> tuple[DiTConfig, dict | None]:
+    """The DiT architecture and, when fine-tuning, the init checkpoint's config."""
+    if cfg.init_checkpoint:
+        saved = checkpoint.read_config(cfg.init_checkpoint)
+        base = dict(saved["model"])
+    else:
+        saved = None
+        base = load_yaml(cfg.model_preset) if cfg.model_preset else {}  # {} = CogVideoX-2B defaults
+        base = dict(base.get("model", base))
+    return from_dict(DiTConfig, {**base, **cfg.model}, "model"), saved
+
+
+def build_model(cfg: TrainConfig, dit: DiTConfig, saved: dict | None) -> CogVideoXDiT:
+    dtype = jnp.dtype(cfg.compute_dtype)
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, attention_backend=cfg.attention_backend, remat=cfg.remat)
+    model = CogVideoXDiT(dit, rngs=nnx.Rngs(cfg.seed), **kw)
+    if cfg.gate_init is not None and dit.repvideo:
+        model.gates[...] = jnp.full_like(model.gates[...], cfg.gate_init)
+    if saved is None:
+        return model
+    source_cfg = from_dict(DiTConfig, saved["model"], "init_checkpoint.model")
+    source = checkpoint.restore_into(
+        cfg.init_checkpoint, nnx.eval_shape(lambda: CogVideoXDiT(source_cfg, rngs=nnx.Rngs(0), **kw)))
+    loaded, target = flat_params(source), flat_params(model)
+    extra = sorted(set(loaded) - set(target))
+    missing = sorted(set(target) - set(loaded) - set(gate_paths(target, cfg.gate_pattern)))
+    shapes = [p for p in set(loaded) & set(target) if loaded[p].shape != target[p].shape]
+    if extra or missing or shapes:
+        raise ConfigError(f"init_checkpoint {cfg.init_checkpoint} does not fit the model: extra {extra[:5]}, "
+                          f"missing {missing[:5]}, shape mismatches {sorted(shapes)[:5]}")
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, checkpoint.nest({**target, **loaded}))
+    nnx.update(model, state)
+    return model
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def latent_batches(cfg: TrainConfig, iterator: data_lib.BatchIterator, encoder) -> Iterator[tuple]:
+    """``(latents, text_embedding)`` per step, encoding pixels on the fly unless preprocessed."""
+    for batch in iterator:
+        if "latents" in batch:
+            yield batch["latents"], batch["text_embedding"]
+        else:
+            yield encoder.encode_video(batch["video"]), encoder.encode_text(batch["caption"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(cfg: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, save_interval_steps=cfg.save_every,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(cfg.out_dir).absolute() / "checkpoints", options=options,
+                                 item_names=("state", "data"))
+
+
+def save_state(manager, step: int, params, opt_state, iterator, force: bool = False) -> None:
+    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(iterator.state())), force=force)
+
+
+def restore_state(manager, params, opt_state):
+    step = manager.latest_step()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)})
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    return state["params"], state["opt_state"], int(state["step"]), restored["data"]
+
+
+def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array]) -> Path:
+    """Writes the inference checkpoint (same format as ``convert``) to ``out_dir/export``."""
+    config = {"kind": CHECKPOINT_KIND, "model": to_dict(dit), "trained_steps": cfg.steps}
+    return checkpoint.save(Path(cfg.out_dir) / "export", {p: np.asarray(v) for p, v in params.items()}, config)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class MetricsLog:
+    """One JSON object per logged step in ``out_dir/metrics.jsonl`` (appended on resume)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) training; returns ``{"params", "dit", "history", "export"}``.
+
+    ``encoder`` (``data.Encoder``) is built from ``cfg.vae``/``cfg.text`` when not given.
+    ``stop_after`` ends the run early at that step (after saving), as an interruption would.
+    """
+    out = Path(cfg.out_dir)
+    data_cfg = dataclasses.replace(cfg.data, data_dir=cfg.data_dir or cfg.data.data_dir)
+    dit, saved = model_config(cfg)
+    if encoder is None:
+        from jax_repvideo.training.encoders import build_encoder
+
+        encoder = build_encoder(cfg, dit)
+    builder = data_lib.prepare(data_cfg, out / "tfds", encoder if data_cfg.preprocess else None)
+    source = builder.as_data_source()["train"]
+    iterator = data_lib.BatchIterator(source, data_cfg.batch_size, data_cfg.shuffle_seed,
+                                      jax.process_index(), jax.process_count())
+
+    model = build_model(cfg, dit, saved)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    params = flat_params(model)
+    del model
+    labels = param_labels(params, cfg.trainable, cfg.gate_pattern)
+    spec = StepSpec(cfg.optim, tuple(sorted(labels.items())), cfg.steps, cfg.text_dropout)
+    opt_state = make_optimizer(spec).init(params)
+
+    manager = checkpoint_manager(cfg)
+    start = 0
+    if manager.latest_step() is not None:
+        params, opt_state, start, data_state = restore_state(manager, params, opt_state)
+        iterator.restore(data_state)
+        print(f"resumed from {manager.directory} at step {start}")
+
+    alphas_bar = schedule_table(cfg.snr_shift_scale)
+    gates = gate_paths(params, cfg.gate_pattern)
+    lr = learning_rate(cfg.optim, cfg.optim.learning_rate, cfg.steps)
+    log = MetricsLog(out / "metrics.jsonl")
+    step_fn = train_step_fn()
+    history = []
+    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    bar = _progress(cfg, start, end)
+    batches = latent_batches(cfg, iterator, encoder)
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start, end):
+        latents, text = next(batches)
+        params, opt_state, metrics = step_fn(params, opt_state, rest, step, jnp.asarray(latents),
+                                             jnp.asarray(text), alphas_bar, cfg.seed, graphdef=graphdef, spec=spec)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                      "lr": float(lr(step))}
+            if gates:
+                record["gates"] = np.asarray(params[gates[0]], np.float64).round(6).tolist()
+            now = time.perf_counter()
+            record["steps_per_s"] = round((done - tick_step) / max(now - tick, 1e-9), 4)
+            tick, tick_step = now, done
+            history.append(record)
+            log.write(record)
+            _report(bar, record)
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.save_every == 0 or done == end:
+            save_state(manager, done, params, opt_state, iterator, force=done == end)
+    manager.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    result = {"params": params, "dit": dit, "history": history, "export": None}
+    if end == cfg.steps:
+        result["export"] = export(cfg, dit, params)
+    return result
+
+
+def _progress(cfg: TrainConfig, start: int, end: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _report(bar, record: dict) -> None:
+    text = f"step {record['step']} loss {record['loss']:.5f} grad_norm {record['grad_norm']:.4f} lr {record['lr']:.3g}"
+    if bar is None:
+        print(text + (f" gates {record['gates']}" if "gates" in record else ""))
+        return
+    bar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=record["steps_per_s"], refresh=False)
+    bar.write(text + (f" gates {record['gates']}" if "gates" in record else ""))
+
+
+def main(config_path: str, overrides: Sequence[str]) -> int:
+    """``jax-repvideo train CONFIG [key=value …]``."""
+    try:
+        cfg = load(TrainConfig, config_path, overrides)
+        result = train(cfg)
+    except (ConfigError, data_lib.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {result['export']}")
+    return 0
