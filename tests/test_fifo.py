@@ -317,3 +317,29 @@ def test_official_run_replayed_with_recorded_eps(fixtures_dir, run, lookahead):
         scale = np.abs(before_shift[k]).max()
         np.testing.assert_allclose(state.queue[:-1], before_shift[k][1:], atol=1e-5 * scale)
         np.testing.assert_allclose(head, dequeued[k], atol=1e-5 * scale)
+
+
+# ---- jax-repvideo verify fifo (the tiny U-Net on the official run) -------------------------------------
+
+
+def test_verify_fifo_cli_reproduces_the_official_runs(fixtures_dir, capsys):
+    from jax_repvideo import cli
+
+    assert cli.main(["verify", "fifo", str(fixtures_dir / "videocrafter2")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    results = [line for line in lines if "max rel err" in line]
+    assert len(results) == 16 and all(line.endswith(" ok") for line in results), "\n".join(lines)
+
+
+def test_verify_fifo_cli_fails_above_tolerance(fixtures_dir, tmp_path, capsys):
+    """The same run against a reference moved by 1% of its max-abs exits non-zero (compiles are reused)."""
+    from jax_repvideo import cli
+
+    source = fixtures_dir / "videocrafter2"
+    for name in ("unet.ckpt", "unet_config.json"):
+        (tmp_path / name).symlink_to(source / name)
+    data = dict(np.load(source / "fifo_run.npz"))
+    data["la_output_latents"] = data["la_output_latents"] + 0.01 * np.abs(data["la_output_latents"]).max()
+    np.savez(tmp_path / "fifo_run.npz", **data)
+    assert cli.main(["verify", "fifo", str(tmp_path)]) == 1
+    assert "la_output_latents" in next(line for line in capsys.readouterr().out.splitlines() if "FAIL" in line)

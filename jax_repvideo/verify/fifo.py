@@ -12,7 +12,7 @@ fps condition every call. Checks, relative to each array's max-abs:
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 
 import jax
@@ -71,38 +71,13 @@ def conditioning(data):
     return {"context": jnp.asarray(data["cond_context"])}, {"context": jnp.asarray(data["uncond_context"][0])}
 
 
-def load_unet(directory: Path):
-    """The tiny U-Net of the fixture, converted with the project's converter."""
-    from flax import nnx
-
-    from convert.common import load_torch_state_dict, strip_prefix
-    from convert.videocrafter2 import convert_unet
-    from jax_repvideo import config as config_lib
-    from jax_repvideo.models.unet3d import UNet3D, UNet3DConfig
-
-    cfg = config_lib.from_dict(UNet3DConfig, json.loads((directory / "unet_config.json").read_text()))
-    source = strip_prefix(load_torch_state_dict(directory / "unet.ckpt"), "model.diffusion_model.")
-    abstract = nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0)))
-    flat = convert_unet(source, cfg)
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
-    _fill(pure, flat)
-    nnx.replace_by_pure_dict(state, pure)
-    return graphdef, state
-
-
-def _fill(tree, flat, prefix=""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _fill(value, flat, path + ".")
-        else:
-            tree[key] = jnp.asarray(flat[path])
-
-
 def run(directory: Path) -> bool:
     data = np.load(Path(directory) / "fifo_run.npz")
-    graphdef, params = load_unet(Path(directory))
+    from flax import nnx
+
+    from jax_repvideo.verify.videocrafter2_unet import load_model
+
+    graphdef, params = nnx.split(load_model(directory)[0])
     with jax.default_matmul_precision("float32"):
         return verify(data, fifo.unet_denoiser(graphdef, int(data["fps"][0])), params)
 
@@ -123,7 +98,7 @@ def verify(data, denoise, params) -> bool:
     ok &= check("base_out", base, to_frames(data["base_out"])[0], END_TO_END_TOL)
     for run_name, lookahead in RUNS:
         ok &= verify_run(data, run_name, lookahead, denoise, params, base, prompts, uncond)
-    return bool(ok)
+    return bool(ok & teacher_forced(data, sampler, prompts, uncond))
 
 
 def verify_run(data, run: str, lookahead: bool, denoise, params, base, prompts, uncond) -> bool:
@@ -131,6 +106,7 @@ def verify_run(data, run: str, lookahead: bool, denoise, params, base, prompts, 
     plan = sampler.plan
     noise = injected_noise(data, run, plan)
     ok = check(f"{run}_call_start_idx == plan", plan.starts, data[f"{run}_call_start_idx"], 0.0)
+    ok &= check(f"{run}_call_timesteps", np.asarray(sampler.schedule.timesteps)[data[f"{run}_call_indices"]], data[f"{run}_call_timesteps"], 0.0)
     state = sampler.init(base, prompts, uncond, noise=noise.init)
     ok &= check(f"{run}_queue_init", state.queue, to_frames(data[f"{run}_queue_init"])[0], END_TO_END_TOL)
     frames = []
@@ -138,23 +114,40 @@ def verify_run(data, run: str, lookahead: bool, denoise, params, base, prompts, 
     dequeued = np.concatenate(frames)
     ok &= check(f"{run}_dequeued", dequeued, to_frames(data[f"{run}_dequeued"])[0], END_TO_END_TOL)
     kept = dequeued[plan.steps - plan.f :]
-    ok &= check(f"{run}_output_latents", kept, to_frames(data[f"{run}_output_latents"])[0], END_TO_END_TOL)
-    return ok & teacher_forced(data, run, sampler, noise, prompts, uncond)
+    return ok & check(f"{run}_output_latents", kept, to_frames(data[f"{run}_output_latents"])[0], END_TO_END_TOL)
 
 
-def teacher_forced(data, run: str, sampler: fifo.FifoSampler, noise: fifo.InjectedNoise, prompts, uncond) -> bool:
-    """Recorded call_in → guided ε and DDIM update, one batched call (all R windows × CFG) per iteration."""
-    plan = sampler.plan
+def teacher_forced(data, sampler: fifo.FifoSampler, prompts, uncond) -> bool:
+    """Recorded call_in → guided ε and the DDIM update with the recorded draws, for every call of both
+    runs at once: all windows × CFG in one batched call (one compile)."""
     inputs = sampler.inputs(prompts, uncond, None, int(data["new_video_length"]))
+    windows, indices, draws_, sizes = [], [], [], []
+    for run, lookahead in RUNS:
+        x = to_frames(data[f"{run}_call_in"])[:, :, 0]  # (K, R, f, H, W, C)
+        noise = injected_noise(data, run, fifo.make_plan(fifo_config(data, lookahead)))
+        windows.append(x.reshape((-1,) + x.shape[2:]))
+        indices.append(data[f"{run}_call_indices"].reshape(-1, x.shape[2]))
+        draws_.append(noise.steps.reshape(windows[-1].shape))
+        sizes.append(x.shape[:2])
 
+    calls = _teacher_forced_calls(sampler.denoise, sampler.plan)
+    eps, out = calls(sampler.params, inputs, *(jnp.asarray(np.concatenate(a)) for a in (windows, indices, draws_)))
+    ok, first = True, 0
+    for (run, _), (k, r) in zip(RUNS, sizes):
+        part = slice(first, first + k * r)
+        first += k * r
+        for name, ours in (("eps", eps), ("out", out)):
+            ref = to_frames(data[f"{run}_call_{name}"])[:, :, 0]
+            ours = np.asarray(ours[part]).reshape(ref.shape)
+            ok &= check(f"{run}_call_{name} (teacher-forced)", ours, ref, TEACHER_FORCED_TOL)
+    return ok
+
+
+@functools.lru_cache(maxsize=None)
+def _teacher_forced_calls(denoise, plan: fifo.Plan):
     @jax.jit
-    def windows(x, idx, z):
-        eps = fifo.denoise_windows(sampler.denoise, plan, sampler.params, inputs, x, idx, jnp.zeros(idx.shape, jnp.int32))
+    def calls(params, inputs, x, idx, z):
+        eps = fifo.denoise_windows(denoise, plan, params, inputs, x, idx, jnp.zeros(idx.shape, jnp.int32))
         return eps, inputs.schedule.step(x, eps, idx, z)[0]
 
-    call_in, indices = to_frames(data[f"{run}_call_in"])[:, :, 0], data[f"{run}_call_indices"]
-    eps, out = zip(*(windows(call_in[k], indices[k], noise.steps[k]) for k in range(call_in.shape[0])))
-    ok = check(f"{run}_call_eps (teacher-forced)", np.stack(eps), to_frames(data[f"{run}_call_eps"])[:, :, 0], TEACHER_FORCED_TOL)
-    ok &= check(f"{run}_call_out (teacher-forced)", np.stack(out), to_frames(data[f"{run}_call_out"])[:, :, 0], TEACHER_FORCED_TOL)
-    timesteps = np.asarray(sampler.schedule.timesteps)[indices]
-    return ok & check(f"{run}_call_timesteps", timesteps, data[f"{run}_call_timesteps"], 0.0)
+    return calls
