@@ -26,11 +26,19 @@ def _rel(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def _host(state):
+    """A numpy copy of a (sharded) state: the 1-device reference runs on the same weights."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(np.asarray, state)
+
+
 def _spec(array) -> list:
     return [list(p) if isinstance(p, tuple) else p for p in array.sharding.spec]
 
 
-def _check_restore(layout, tmp: Path) -> dict:
+def _check_restore(layout, model, tmp: Path) -> dict:
     """A converted checkpoint restores straight into the sharded abstract model."""
     import jax
     from flax import nnx
@@ -39,7 +47,6 @@ def _check_restore(layout, tmp: Path) -> dict:
     from jax_repvideo.models.vae_kl import AutoencoderKL
 
     cfg = _tiny_vae_config()
-    model = AutoencoderKL(cfg, rngs=nnx.Rngs(3))
     flat = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     checkpoint.save(tmp / "vae", flat, {"kind": "vae"})
     abstract = layout.abstract_model(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
@@ -61,7 +68,7 @@ def _tiny_vae_config():
     return AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
 
 
-def _check_vae(layout) -> dict:
+def _check_vae(layout):
     """VAE decode with the frames split over ``data``."""
     import jax
     import numpy as np
@@ -72,63 +79,65 @@ def _check_vae(layout) -> dict:
     cfg = _tiny_vae_config()
     constructor = lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(1))  # noqa: E731
     z = np.random.RandomState(0).randn(8, 8, 8, cfg.embed_dim).astype(np.float32)
-    graphdef, state = nnx.split(constructor())
+    model = layout.init_model(constructor)
+    graphdef, sharded_state = nnx.split(model)
 
     def decode(state, z):
         return nnx.merge(graphdef, state).decode_latents(z)
 
-    ref = jax.jit(decode)(state, z)
-    sharded_state = nnx.split(layout.init_model(constructor))[1]
+    ref = jax.jit(decode)(_host(sharded_state), z)
     frames = ("frames", None, None, None)
     out = jax.jit(decode, out_shardings=layout.sharding(frames))(sharded_state, layout.put(z, frames))
-    return {"vae_error": _rel(out, ref), "vae_out_spec": _spec(out)}
+    return {"vae_error": _rel(out, ref), "vae_out_spec": _spec(out)}, model
 
 
 def _tiny_unet_config():
     from jax_repvideo.models.unet3d import UNet3DConfig
 
-    return UNet3DConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+    return UNet3DConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
                         num_head_channels=16, context_dim=16, temporal_length=4, use_checkpoint=False)
 
 
-def _check_unet(layout) -> dict:
+def _tiny_unet(layout):
+    """The tiny U-Net built straight into its shardings (one init compile, shared by two checks)."""
+    from flax import nnx
+
+    from jax_repvideo.models.unet3d import UNet3D
+
+    return nnx.split(layout.init_model(lambda: UNet3D(_tiny_unet_config(), rngs=nnx.Rngs(2),
+                                                      attention_backend="xla")))
+
+
+def _check_unet(layout, graphdef, sharded_state) -> dict:
     """U-Net forward with the batch on ``data``."""
     import jax
     import numpy as np
     from flax import nnx
 
-    from jax_repvideo.models.unet3d import UNet3D
-
     cfg = _tiny_unet_config()
-    constructor = lambda: UNet3D(cfg, rngs=nnx.Rngs(2), attention_backend="xla")  # noqa: E731
     rng = np.random.RandomState(1)
     x = rng.randn(8, 4, 8, 8, 4).astype(np.float32)
     t = rng.randint(0, 1000, (8, 4)).astype(np.int32)
     context = rng.randn(8, 4, 5, cfg.context_dim).astype(np.float32)
-    graphdef, state = nnx.split(constructor())
 
     def forward(state, x, t, context):
         return nnx.merge(graphdef, state)(x, t, context, 8)
 
-    ref = jax.jit(forward)(state, x, t, context)
+    ref = jax.jit(forward)(_host(sharded_state), x, t, context)
     with layout.activate():
-        sharded_state = nnx.split(layout.init_model(constructor))[1]
         args = [layout.put(a, ("batch",) + (None,) * (a.ndim - 1)) for a in (x, t, context)]
         out = jax.jit(forward)(sharded_state, *args)
     return {"unet_error": _rel(out, ref), "unet_out_spec": _spec(out)}
 
 
-def _check_fifo(layout) -> dict:
+def _check_fifo(layout, graphdef, sharded_state) -> dict:
     """One FIFO chunk: windows × CFG on ``data``; the noise is drawn inside, from the same key."""
     import jax
     import numpy as np
-    from flax import nnx
 
     from jax_repvideo import fifo
-    from jax_repvideo.models.unet3d import UNet3D
 
     cfg = _tiny_unet_config()
-    constructor = lambda: UNet3D(cfg, rngs=nnx.Rngs(4), attention_backend="xla")  # noqa: E731
     fifo_cfg = fifo.FifoConfig(video_length=4, num_partitions=2, lookahead=True, new_video_length=4,
                                chunk_size=2, guidance_scale=7.5)
     rng = np.random.RandomState(2)
@@ -145,10 +154,8 @@ def _check_fifo(layout) -> dict:
                             consumer=lambda i, x: frames.append(x))
         return np.concatenate(frames), np.asarray(state.queue)
 
-    graphdef, state = nnx.split(constructor())
-    ref_frames, ref_queue = one_chunk(fifo.unet_denoiser(graphdef, 8), state)
+    ref_frames, ref_queue = one_chunk(fifo.unet_denoiser(graphdef, 8), _host(sharded_state))
     with layout.activate():
-        sharded_state = nnx.split(layout.init_model(constructor))[1]
         frames, queue = one_chunk(layout.shard_denoiser(fifo.unet_denoiser(graphdef, 8)), sharded_state)
     return {"fifo_error": max(_rel(frames, ref_frames), _rel(queue, ref_queue)), "fifo_frames": len(frames)}
 
@@ -182,14 +189,13 @@ def _check_dit(layout) -> dict:
     latents = rng.randn(2, 2, 8, 8, 4).astype(np.float32)
     timesteps = np.array([[10.0, 20.0], [500.0, 600.0]], np.float32)
     text = rng.randn(2, 8, 16).astype(np.float32)
-    graphdef, state = nnx.split(constructor())
+    graphdef, sharded_state = nnx.split(layout.init_model(constructor))
 
     def forward(state, latents, timesteps, text):
         return nnx.merge(graphdef, state)(latents, timesteps, text)
 
-    ref = jax.jit(forward)(state, latents, timesteps, text)
+    ref = jax.jit(forward)(_host(sharded_state), latents, timesteps, text)
     with layout.activate():
-        sharded_state = nnx.split(layout.init_model(constructor))[1]
         args = [layout.put(a, ("batch",) + (None,) * (a.ndim - 1)) for a in (latents, timesteps, text)]
         out = jax.jit(forward)(sharded_state, *args)
         hlo = jax.jit(forward).lower(sharded_state, *args).compile().as_text()
@@ -210,11 +216,13 @@ def run_checks(tmp: Path) -> dict:
     assert jax.device_count() == 8, jax.devices()
     results: dict = {"devices": jax.device_count()}
     data8 = sharding.setup(sharding.MeshConfig(data=8))
-    results.update(_check_vae(data8))
-    results.update(_check_unet(data8))
-    results.update(_check_fifo(data8))
+    vae_results, vae = _check_vae(data8)
+    results.update(vae_results)
+    results.update(_check_restore(sharding.setup(sharding.MeshConfig(data=2, fsdp=4)), vae, tmp))
+    unet = _tiny_unet(data8)
+    results.update(_check_unet(data8, *unet))
+    results.update(_check_fifo(data8, *unet))
     results.update(_check_dit(sharding.setup(sharding.MeshConfig(data=2, context=2, tensor=2))))
-    results.update(_check_restore(sharding.setup(sharding.MeshConfig(data=2, fsdp=4)), tmp))
     return results
 
 
