@@ -31,6 +31,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         names = ", ".join(_join(path, k) for k in unknown)
         raise ConfigError(f"unknown config key(s) {names}; {cls.__name__} accepts: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    for name, value in data.items():  # a partial section keeps the field's own default values
+        default = fields[name].default
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            data[name] = {**to_dict(default), **value}
     values = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     try:
         return cls(**values)

@@ -45,3 +45,12 @@ def test_bad_keys_and_values_name_the_key(override, message):
 def test_missing_preset_is_reported(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(Outer, tmp_path / "nope.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class WithCustomDefault:
+    inner: Inner = Inner(size=9, mode="b")
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    assert config.from_dict(WithCustomDefault, {"inner": {"size": 1}}).inner == Inner(size=1, mode="b")
