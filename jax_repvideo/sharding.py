@@ -145,10 +145,7 @@ def resolve_rules(cfg: MeshConfig) -> dict[str, tuple[str, ...]]:
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes data, fsdp, context, tensor over all (global) devices."""
-    for axis, size in cfg.shape.items():
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh.{axis} must be a positive integer, got {size!r}")
-    resolve_rules(cfg)
+    _checked_rules(cfg)
     devices = list(jax.devices() if devices is None else devices)
     if cfg.size != len(devices):
         sizes = " × ".join(f"{axis}={size}" for axis, size in cfg.shape.items())
@@ -186,7 +183,7 @@ def check_model(model_config: Any, cfg: MeshConfig) -> None:
 class Layout:
     """A mesh with its rules: turns logical names into shardings and places arrays and models."""
 
-    mesh: Mesh
+    mesh: Mesh | jax.sharding.AbstractMesh
     rules: dict[str, tuple[str, ...]]
     param_rules: tuple[tuple[str, tuple[str | None, ...]], ...]
 
@@ -308,6 +305,22 @@ def setup(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layou
     """Starts multi-host JAX when asked, then builds the mesh and its rules."""
     if devices is None:
         initialize_distributed(cfg)
+    rules, param_rules = _checked_rules(cfg)
+    return Layout(make_mesh(cfg, devices), rules, param_rules)
+
+
+def abstract_layout(cfg: MeshConfig) -> Layout:
+    """The layout of ``cfg`` on an abstract mesh (no devices needed): for planning memory."""
+    rules, param_rules = _checked_rules(cfg)
+    mesh = jax.sharding.AbstractMesh(tuple(cfg.shape.values()), MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Layout(mesh, rules, param_rules)
+
+
+def _checked_rules(cfg: MeshConfig):
+    for axis, size in cfg.shape.items():
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh.{axis} must be a positive integer, got {size!r}")
     rules = resolve_rules(cfg)
     param_rules = tuple(cfg.param_rules) + DEFAULT_PARAM_RULES
     for pattern, names in param_rules:
@@ -315,7 +328,7 @@ def setup(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layou
         unknown = [n for n in names if n is not None and n not in rules]
         if unknown:
             raise ValueError(f"param rule {pattern!r} uses unknown logical axis {unknown[0]!r}; known: {sorted(rules)}")
-    return Layout(make_mesh(cfg, devices), rules, param_rules)
+    return rules, param_rules
 
 
 def _dotted(path) -> str:

@@ -327,6 +327,49 @@ def test_distributed_from_environment():
     assert sharding.is_primary()
 
 
+def test_plan_prints_memory_per_device(capsys):
+    from jax_repvideo import plan
+
+    tiny_dit = str(ROOT / "configs" / "tiny_dit.yaml")
+    assert plan.main(tiny_dit, ["mesh.fsdp=4", "mesh.data=2", "plan.batch=8"]) == 0
+    fsdp = capsys.readouterr().out
+    assert "data=2 × fsdp=4 × context=1 × tensor=1 = 8 devices" in fsdp
+    assert plan.main(tiny_dit, ["plan.batch=8"]) == 0
+    single = capsys.readouterr().out
+
+    def per_device(text, what):
+        line = next(l for l in text.splitlines() if l.strip().startswith(what))
+        value, unit = line.split(" per device")[0].split()[-2:]
+        return float(value) * (1024 if unit == "GiB" else 1)
+
+    assert per_device(fsdp, "parameters") < per_device(single, "parameters") / 2  # weights split over fsdp
+    assert per_device(fsdp, "activations") > 0
+
+
+def test_plan_errors():
+    from jax_repvideo import plan
+
+    dit = str(ROOT / "configs" / "tiny_dit.yaml")
+    assert plan.main(dit, ["mesh.tensor=4"]) == 1  # 2 heads
+    assert plan.main(dit, ["mesh.data=4"]) == 1  # CFG batch 2 over 4 devices
+    assert plan.main(dit, ["mesh.pipeline=2"]) == 1
+
+
+def test_peak_bytes_frees_after_last_use():
+    import jax
+    import jax.numpy as jnp
+
+    from jax_repvideo.plan import peak_bytes
+
+    def f(x):  # x: 4 KiB; each intermediate 4 KiB, one live at a time besides x
+        for _ in range(5):
+            x = jnp.sin(x) + 1
+        return x
+
+    jaxpr = jax.make_jaxpr(f)(jnp.zeros(1024, jnp.float32)).jaxpr
+    assert peak_bytes(jaxpr) <= 4 * 4096
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     print(json.dumps(run_checks(Path(sys.argv[1]))))
