@@ -61,7 +61,11 @@ class Pipeline:
         if cfg.sampler.kind == "fifo":
             yield from (latents for _, latents in self._fifo(store))
         else:
-            yield np.asarray(self._clip())
+            clip = np.asarray(self._clip())
+            if not np.isfinite(clip).all():
+                raise FloatingPointError("non-finite (NaN/Inf) latents after plain sampling; stopping. No NaN frame "
+                                         "was written. Try dtype=float32 or a lower guidance scale.")
+            yield clip
 
     def generate(self, *, store: RunStore | None = None) -> Iterator[np.ndarray]:
         """uint8 frames ``(m, H, W, 3)`` in output order, decoded as the latents arrive."""
