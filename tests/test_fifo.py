@@ -343,3 +343,29 @@ def test_verify_fifo_cli_fails_above_tolerance(fixtures_dir, tmp_path, capsys):
     np.savez(tmp_path / "fifo_run.npz", **data)
     assert cli.main(["verify", "fifo", str(tmp_path)]) == 1
     assert "la_output_latents" in next(line for line in capsys.readouterr().out.splitlines() if "FAIL" in line)
+
+
+def test_unet_denoiser_passes_fps_and_qcache_to_the_whole_batch():
+    from flax import nnx
+
+    from jax_repvideo.caches import QCacheConfig
+
+    seen = []
+
+    class Stub(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.full((), 2.0))
+
+        def __call__(self, x, t, context, fps, qcache=None):
+            seen.append((x.shape, t.shape, context.shape, fps, qcache))
+            return x * self.w[...]
+
+    graphdef, params = nnx.split(Stub())
+    qcache = QCacheConfig(enabled=True)
+    denoise = fifo.unet_denoiser(graphdef, 8, qcache)
+    assert denoise is fifo.unet_denoiser(graphdef, 8, QCacheConfig(enabled=True))  # shared compiles
+    out = denoise(params, jnp.ones((6, 4, 2, 3, 4)), jnp.zeros((6, 4), jnp.int32), {"context": jnp.zeros((6, 4, 5, 7))})
+    np.testing.assert_array_equal(out, 2.0)
+    (x, t, context, fps, got), = seen
+    assert (x, t, context) == ((6, 4, 2, 3, 4), (6, 4), (6, 4, 5, 7)) and got is qcache
+    np.testing.assert_array_equal(fps, [8] * 6)
