@@ -129,3 +129,23 @@ def test_main_writes_orbax_and_config(full_state, tiny_cfg, tmp_path):
     kernel = restored["unet"]["output_blocks"]["11"]["2"]["transformer_blocks"]["0"]["attn1"]["to_q"]["kernel"]
     ref = full_state[C.UNET_PREFIX + "output_blocks.11.2.transformer_blocks.0.attn1.to_q.weight"].numpy().T
     np.testing.assert_array_equal(np.asarray(kernel), ref)
+
+
+@pytest.mark.parametrize("options", [["use_relative_position=true", "use_causal_attention=true"],
+                                     ["use_linear=false", "tempspatial_aware=true", "fps_cond=false"],
+                                     ["temporal_conv=false", "addition_attention=false", "temporal_attention=false"]])
+def test_key_table_covers_architecture_options(options):
+    """Every key such a checkpoint has finds a rule whose target exists, and every param is reached."""
+    cfg = load(UNet3DConfig, "configs/tiny_unet.yaml", options)
+    targets = set(checkpoint_paths(cfg))
+    reached = set()
+    for key in C.unet_state_dict_keys(cfg):
+        rule, match = next((r, r.match(key)) for r in C.unet_rules(cfg) if r.match(key))
+        reached.add(match.expand(rule.target))
+    assert reached == targets
+
+
+def checkpoint_paths(cfg):
+    from convert.common import target_shapes
+
+    return target_shapes(nnx.state(C.abstract_unet(cfg), nnx.Param))

@@ -206,10 +206,12 @@ def _attention(relative_length, seed=0):
 def test_causal_temporal_attention_sees_only_the_past():
     attn = _attention(0)
     x = jax.random.normal(jax.random.key(1), (3, 5, 32))
-    full = attn(x, causal=True)
-    for t in range(1, 6):  # frame t-1's output only depends on frames < t
-        np.testing.assert_allclose(attn(x[:, :t], causal=True)[:, -1], full[:, t - 1], rtol=1e-5, atol=1e-6)
-    assert relative_error(attn(x)[:, 0], full[:, 0]) > 1e-3
+    changed = x.at[:, 3:].set(jax.random.normal(jax.random.key(2), (3, 2, 32)))  # new frames 3, 4
+    causal, causal_changed = attn(x, causal=True), attn(changed, causal=True)
+    np.testing.assert_array_equal(causal[:, :3], causal_changed[:, :3])  # frames 0-2 see only 0-2
+    assert relative_error(causal_changed[:, 3:], causal[:, 3:]) > 1e-3
+    assert relative_error(attn(changed)[:, :3], attn(x)[:, :3]) > 1e-3  # without the mask they would change
+    np.testing.assert_allclose(causal[:, 0], attn(x[:, :1])[:, 0], rtol=1e-5, atol=1e-6)  # frame 0 attends to itself
 
 
 def test_relative_position_attention():
