@@ -234,3 +234,25 @@ def test_relative_position_attention():
     out = np.einsum("bhqk,bkhd->bqhd", p, v) + np.einsum("bhqk,qkd->bqhd", p, rv)
     expected = attn.to_out(jnp.asarray(out.reshape(3, 6, 32)))
     np.testing.assert_allclose(attn(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_full_size_forward_shapes_with_default_qcache_map():
+    """Abstract (traced, never compiled) full-size forward at (2·16, 40, 64): the default map fits
+    the real U-Net and the captured queries have the spec's shapes."""
+    from jax_repvideo.models.unet3d import UNet3D
+
+    cfg = UNet3DConfig()
+    abstract = nnx.eval_shape(lambda: UNet3D(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    graphdef, state = nnx.split(abstract)
+
+    def forward(state, x, t, ctx, fps):
+        return nnx.merge(graphdef, state)(x, t, ctx, fps, qcache=QCacheConfig(enabled=True), return_qcache=True)
+
+    x = jax.ShapeDtypeStruct((2, 16, 40, 64, 4), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    ctx = jax.ShapeDtypeStruct((2, 77, 1024), jnp.bfloat16)
+    out, cache = jax.eval_shape(forward, state, x, t, ctx, jax.ShapeDtypeStruct((2,), jnp.int32))
+    assert out.shape == (2, 16, 40, 64, 4) and out.dtype == jnp.bfloat16
+    assert cache["input_blocks.1.2"].shape == (2 * 40 * 64, 16, 320)  # 5 heads × 64 → (12800, 16, 64) per video
+    assert cache["input_blocks.8.2"].shape == (2 * 10 * 16, 16, 1280)
+    assert cache["init_attn.0"].shape == (2 * 40 * 64, 16, 512)

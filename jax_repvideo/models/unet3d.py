@@ -112,8 +112,6 @@ def unet_layout(cfg: UNet3DConfig) -> dict[str, list[list[LayerSpec]]]:
             chans.append(ch)
             ds *= 2
     middle = [LayerSpec("res", ch, ch, ds), *_attention_layers(cfg, ch, ds), LayerSpec("res", ch, ch, ds)]
-    if not cfg.temporal_attention:
-        middle = [middle[0], middle[1], middle[-1]]
     outputs = []
     for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
         for i in range(cfg.num_res_blocks + 1):
@@ -327,6 +325,8 @@ class UNet3D(nnx.Module):
         emb = self.time_embed(timestep_embedding(steps, mc).astype(self.dtype))  # (B, T, E)
         inter["time_embed_out"] = emb
         if self.fps_embedding is not None:
+            if fps is None or jnp.shape(fps) not in ((), (b,)):
+                raise ValueError(f"fps must be a scalar or shape ({b},) with fps_cond, got {jnp.shape(fps) if fps is not None else None}")
             fps = jnp.broadcast_to(jnp.asarray(fps), (b,))
             fps_emb = self.fps_embedding(timestep_embedding(fps, mc).astype(self.dtype))  # (B, E)
             inter["fps_embedding_out"] = fps_emb
