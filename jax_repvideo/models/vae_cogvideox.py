@@ -19,7 +19,8 @@ Runtime entry points (all functional, the conv cache is an explicit pytree):
 * ``decode(model, z)``: one jit; the first chunk, then ``lax.scan`` over the 2-frame chunks.
 * ``decode_stream(model, z, chunks_per_call)``: the same chunks, ``chunks_per_call`` at a time, the
   cache carried between calls and each block of frames handed to the host, so device memory does
-  not grow with the number of frames.
+  not grow with the number of frames. ``decode_start`` / ``decode_continue`` are its two steps, for
+  callers that produce latents as they go (a FIFO generator carrying the cache in its state).
 * ``decode_tiled(model, z, tiling)``: spatial tiles decoded as above and cross-faded (diffusers'
   ``enable_tiling``).
 * ``encode(model, x)`` → ``(mean, logvar)``; ``scale_latents`` / ``unscale_latents`` apply the
@@ -383,6 +384,23 @@ def decode(model: CogVideoXVAE, z: jax.Array) -> jax.Array:
     return _decode_jit(graphdef, state, jnp.asarray(z))
 
 
+def decode_start(model: CogVideoXVAE, z) -> tuple[jax.Array, Cache]:
+    """Decodes the first chunk (1 to 3 latent frames, no cache) → ``(frames, conv cache)``."""
+    _check_latents(model, z)
+    graphdef, state = nnx.split(model)
+    return _decode_first_jit(graphdef, state, jnp.asarray(z))
+
+
+def decode_continue(model: CogVideoXVAE, cache: Cache, z) -> tuple[jax.Array, Cache]:
+    """Decodes the next latent frames (an even count, 2 per chunk) after ``cache`` → ``(frames, cache)``."""
+    _check_latents(model, z)
+    if z.shape[1] % DECODE_CHUNK:
+        raise ValueError(f"CogVideoX VAE decode_continue: {z.shape[1]} latent frames; after the first chunk "
+                         f"frames come in chunks of {DECODE_CHUNK}")
+    graphdef, state = nnx.split(model)
+    return _decode_segment_jit(graphdef, state, cache, jnp.asarray(z))
+
+
 def decode_stream(model: CogVideoXVAE, z, chunks_per_call: int = 4) -> Iterator[np.ndarray]:
     """Yields the frames of ``decode(model, z)`` block by block as host arrays.
 
@@ -393,10 +411,9 @@ def decode_stream(model: CogVideoXVAE, z, chunks_per_call: int = 4) -> Iterator[
     _check_latents(model, z)
     if chunks_per_call < 1:
         raise ValueError(f"decode_stream: chunks_per_call must be ≥ 1, got {chunks_per_call}")
-    graphdef, state = nnx.split(model)
     z = np.asarray(z)
     first = first_chunk_length(z.shape[1], DECODE_CHUNK)
-    frames, cache = _decode_first_jit(graphdef, state, jnp.asarray(z[:, :first]))
+    frames, cache = decode_start(model, z[:, :first])
     yield np.asarray(frames)
     per_chunk = decoded_frames(DECODE_CHUNK, model.config.temporal_compression_ratio)
     step = DECODE_CHUNK * chunks_per_call
@@ -406,7 +423,7 @@ def decode_stream(model: CogVideoXVAE, z, chunks_per_call: int = 4) -> Iterator[
         if block.shape[1] < step:
             pad = np.repeat(block[:, -1:], step - block.shape[1], axis=1)
             block = np.concatenate([block, pad], axis=1)
-        frames, cache = _decode_segment_jit(graphdef, state, cache, jnp.asarray(block))
+        frames, cache = decode_continue(model, cache, block)
         yield np.asarray(frames[:, :valid * per_chunk])
 
 
