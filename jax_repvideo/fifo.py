@@ -307,9 +307,12 @@ class FifoSampler:
         self.config = config
         self.denoise = denoise
         self.params = params
-        self.schedule = schedule if schedule is not None else ddim.videocrafter2_schedule(self.plan.steps, eta=config.eta)
-        if self.schedule.timesteps.shape[0] != self.plan.steps:
-            raise ConfigError(f"scheduler has {self.schedule.timesteps.shape[0]} steps, FIFO needs S = f·n = {self.plan.steps}")
+        if schedule is None:
+            schedule = ddim.videocrafter2_schedule(self.plan.steps, eta=config.eta)
+        self.schedule = schedule
+        if schedule.timesteps.shape[0] != self.plan.steps:
+            steps = schedule.timesteps.shape[0]
+            raise ConfigError(f"scheduler has {steps} steps, FIFO needs S = f·n = {self.plan.steps}")
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -320,11 +323,12 @@ class FifoSampler:
             raise ConfigError(f"prompt schedule has {len(frames)} frame counts for {count} prompts")
         if any(n < 1 for n in frames) or sum(frames) != num_frames:
             raise ConfigError(
-                f"prompt schedule frame counts {list(frames)} must be ≥ 1 and sum to the video length N={num_frames} "
-                f"(they sum to {sum(frames)})"
+                f"prompt schedule frame counts {list(frames)} must be ≥ 1 and sum to the video length "
+                f"N={num_frames} (they sum to {sum(frames)})"
             )
-        table = jax.tree.map(lambda p, u: jnp.concatenate([p, jnp.asarray(u)[None].astype(p.dtype)]), prompts, uncond)
-        return Inputs(self.schedule, table, jnp.asarray(np.cumsum(frames), jnp.int32), jnp.float32(self.config.guidance_scale))
+        table = jax.tree.map(lambda p, u: jnp.concatenate([p, jnp.asarray(u, p.dtype)[None]]), prompts, uncond)
+        bounds = jnp.asarray(np.cumsum(frames), jnp.int32)
+        return Inputs(self.schedule, table, bounds, jnp.float32(self.config.guidance_scale))
 
     def _check_length(self, num_frames: int) -> None:
         if num_frames < 1:
@@ -379,8 +383,8 @@ class FifoSampler:
         """Runs chunks until K = N + S − f iterations are done (or ``max_chunks``), streaming frames.
 
         ``consumer(first_frame_index, latents (m, H, W, C))`` receives each chunk's output frames
-        (the S − f discarded warm-up latents, frame indices < 0, only with ``include_warmup``). Calling ``run`` again with the returned state resumes;
-        with a larger ``num_frames`` it extends a finished run.
+        (the S − f discarded warm-up latents, frame indices < 0, only with ``include_warmup``). Calling
+        ``run`` again with the returned state resumes; with a larger ``num_frames`` it extends a finished run.
         """
         num_frames = self.config.new_video_length if num_frames is None else num_frames
         self._check_length(num_frames)
@@ -403,7 +407,9 @@ class FifoSampler:
 @functools.lru_cache(maxsize=None)
 def _compiled_base(denoise: Callable, guidance) -> Callable:
     def base(params, schedule, x_T, cond, uncond, noise):
-        return ddim.ddim_sample(denoise, params, schedule, x_T, cond, uncond, noise, guidance_scale=guidance, use_scale=True)
+        return ddim.ddim_sample(
+            denoise, params, schedule, x_T, cond, uncond, noise, guidance_scale=guidance, use_scale=True
+        )
 
     return jax.jit(base)
 

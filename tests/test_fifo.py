@@ -54,7 +54,8 @@ def sampler(**overrides):
 
 def generate(s, state, num_frames, frames=(3, 3), **kw):
     out = {}
-    state = s.run(state, PROMPTS, UNCOND, scaled(frames, num_frames), num_frames=num_frames, consumer=lambda i, x: out.update({i + j: f for j, f in enumerate(x)}), **kw)
+    consumer = lambda i, x: out.update({i + j: f for j, f in enumerate(x)})  # noqa: E731
+    state = s.run(state, PROMPTS, UNCOND, scaled(frames, num_frames), num_frames=num_frames, consumer=consumer, **kw)
     return state, np.stack([out[i] for i in sorted(out)])
 
 
@@ -138,7 +139,8 @@ def reference_iteration(s, queue, prompt_ids, step_noise, tail):
         eps = e_u + g * (e_c - e_u)
         for j in range(plan.f):
             x0 = (x[j] - np.sqrt(1 - a[k[j]]) * eps[j]) / np.sqrt(a[k[j]])
-            x[j] = np.sqrt(a_prev[k[j]]) * x0 + np.sqrt(1 - a_prev[k[j]] - sig[k[j]] ** 2) * eps[j] + sig[k[j]] * step_noise[r, j]
+            direction = np.sqrt(1 - a_prev[k[j]] - sig[k[j]] ** 2) * eps[j]
+            x[j] = np.sqrt(a_prev[k[j]]) * x0 + direction + sig[k[j]] * step_noise[r, j]
         w = plan.write_offset
         q[start + w : start + plan.f] = x[w:]
     head = q[plan.context].copy()

@@ -36,7 +36,7 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(1.0 - np.asarray(betas, np.float64)).astype(np.float32)
 
 
-def scale_arr(scale_a: float = 1.0, scale_b: float = 0.7, mid_step: int = 400, num_train_timesteps: int = 1000) -> np.ndarray:
+def scale_arr(scale_a: float = 1.0, scale_b: float = 0.7, mid_step: int = 400, num_train_timesteps: int = 1000):
     """VideoCrafter2's signal scale per training timestep: linear a→b over ``mid_step`` steps, then b."""
     ramp = np.linspace(scale_a, scale_b, mid_step)
     return np.concatenate([ramp, np.full(num_train_timesteps, scale_b)]).astype(np.float32)

@@ -106,7 +106,8 @@ def verify_run(data, run: str, lookahead: bool, denoise, params, base, prompts, 
     plan = sampler.plan
     noise = injected_noise(data, run, plan)
     ok = check(f"{run}_call_start_idx == plan", plan.starts, data[f"{run}_call_start_idx"], 0.0)
-    ok &= check(f"{run}_call_timesteps", np.asarray(sampler.schedule.timesteps)[data[f"{run}_call_indices"]], data[f"{run}_call_timesteps"], 0.0)
+    timesteps = np.asarray(sampler.schedule.timesteps)[data[f"{run}_call_indices"]]
+    ok &= check(f"{run}_call_timesteps", timesteps, data[f"{run}_call_timesteps"], 0.0)
     state = sampler.init(base, prompts, uncond, noise=noise.init)
     ok &= check(f"{run}_queue_init", state.queue, to_frames(data[f"{run}_queue_init"])[0], END_TO_END_TOL)
     frames = []
