@@ -219,10 +219,20 @@ def validate_inputs(cfg: UNet3DConfig, x_shape, t_shape, context_shape, *, times
     if cfg.use_causal_attention and t > cfg.temporal_length:
         raise ValueError(f"causal temporal attention covers at most temporal_length={cfg.temporal_length} "
                          f"frames, got T={t}")
-    if timesteps is not None and not isinstance(timesteps, jax.core.Tracer):
-        values = np.asarray(timesteps)
-        if values.size and (values.min() < 0 or values.max() > 999):
+    values = _concrete(timesteps)
+    if values is not None and values.size:
+        if values.min() < 0 or values.max() > 999:
             raise ValueError(f"timesteps must lie in [0, 999], got min {values.min()} max {values.max()}")
+
+
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as numpy when its values are known (not inside a trace); else None."""
+    if x is None:
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- model
