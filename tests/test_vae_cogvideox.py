@@ -169,3 +169,14 @@ def test_full_size_cogvideox_2b_keys_map_onto_the_model():
     abstract = nnx.state(abstract_vae(full), nnx.Param)
     check_keys_only(shapes, RULES, abstract, what="CogVideoX-2b VAE")
     assert sum(int(np.prod(s)) for s in shapes.values()) == 215_583_907
+
+
+def test_full_size_decode_shapes_13_to_49_frames():
+    """Traced only (no compile, no weights): 13 latent frames of 60×90 → 49 frames of 480×720."""
+    import jax
+
+    model = abstract_vae(V.CogVideoXVAEConfig())
+    graphdef, state = nnx.split(model)
+    z = jax.ShapeDtypeStruct((1, 13, 60, 90, 16), np.float32)
+    out = jax.eval_shape(V._decode_jit, graphdef, state, z)
+    assert out.shape == (1, 49, 480, 720, 3)
