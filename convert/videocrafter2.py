@@ -243,7 +243,8 @@ def _convert_group(module_name: str, function: str, sub_state: dict, prefix: str
     return getattr(module, function)(sub_state, group_cfg), group_cfg
 
 
-def convert_checkpoint(state: Mapping[str, Any], cfg, vae_cfg=None, text_cfg=None) -> tuple[dict[str, np.ndarray], dict]:
+def convert_checkpoint(state: Mapping[str, Any], cfg, vae_cfg=None,
+                       text_cfg=None) -> tuple[dict[str, np.ndarray], dict]:
     """Whole LatentDiffusion state_dict → (flat params ``{"unet.…", "vae.…", "text.…"}``, config).
 
     ``vae_cfg`` / ``text_cfg`` default to the full-size VideoCrafter2 VAE and OpenCLIP ViT-H-14 text tower.

@@ -336,7 +336,8 @@ class UNet3D(nnx.Module):
         inter["time_embed_out"] = emb
         if self.fps_embedding is not None:
             if fps is None or jnp.shape(fps) not in ((), (b,)):
-                raise ValueError(f"fps must be a scalar or shape ({b},) with fps_cond, got {jnp.shape(fps) if fps is not None else None}")
+                got = None if fps is None else jnp.shape(fps)
+                raise ValueError(f"fps must be a scalar or of shape ({b},) when fps_cond is set, got {got}")
             fps = jnp.broadcast_to(jnp.asarray(fps), (b,))
             fps_emb = self.fps_embedding(timestep_embedding(fps, mc).astype(self.dtype))  # (B, E)
             inter["fps_embedding_out"] = fps_emb
