@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("kind", choices=sorted(CONVERTERS))
     convert.add_argument("src")
     convert.add_argument("dst")
+    convert.add_argument("--config", help="architecture config file for converters that take one "
+                                          "(videocrafter2: U-Net/VAE/text sections; default: the full-size model)")
 
     # Commands that take a YAML preset plus key=value overrides; each lives in its own module
     # with ``main(config_path, overrides) -> int``.
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if verify.run(args.kind, args.directory) else 1
     if args.command == "convert":
         module = importlib.import_module(CONVERTERS[args.kind])
-        module.main(args.src, args.dst)
+        if args.config is None:
+            module.main(args.src, args.dst)
+        else:
+            module.main(args.src, args.dst, config=args.config)
         return 0
     module = importlib.import_module(CONFIG_COMMANDS[args.command])
     return module.main(args.config, args.overrides)

@@ -119,7 +119,10 @@ def test_stray_keys_are_named(full_state):
 def test_main_writes_orbax_and_config(full_state, tiny_cfg, tmp_path):
     src = tmp_path / "model.ckpt"
     torch.save({"state_dict": _with_schedule(full_state), "epoch": 3}, src)
-    out = C.main(src, tmp_path / "converted", "configs/tiny_unet.yaml")
+    from jax_repvideo import cli
+
+    out = tmp_path / "converted"
+    assert cli.main(["convert", "videocrafter2", str(src), str(out), "--config", "configs/tiny_unet.yaml"]) == 0
     config = checkpoint.read_config(out)
     assert config["kind"] == "videocrafter2" and config["groups"] == ["unet"]
     assert config["unet"]["model_channels"] == 32 and len(config["schedule_buffers_checked"]) == 13
