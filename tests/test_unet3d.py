@@ -256,3 +256,14 @@ def test_full_size_forward_shapes_with_default_qcache_map():
     assert cache["input_blocks.1.2"].shape == (2 * 40 * 64, 16, 320)  # 5 heads × 64 → (12800, 16, 64) per video
     assert cache["input_blocks.8.2"].shape == (2 * 10 * 16, 16, 1280)
     assert cache["init_attn.0"].shape == (2 * 40 * 64, 16, 512)
+
+
+def test_frame_context_rows():
+    from jax_repvideo.models.unet3d import frame_context
+
+    shared = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # (B, L, D)
+    rows = np.asarray(frame_context(shared, 4))
+    assert rows.shape == (8, 3, 2)
+    np.testing.assert_array_equal(rows[5], shared[1])  # row b·T + t
+    per_frame = np.stack([shared + 100 * k for k in range(4)], axis=1)  # (B, T, L, D)
+    np.testing.assert_array_equal(np.asarray(frame_context(per_frame, 4))[6], shared[1] + 200)

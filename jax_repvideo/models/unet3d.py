@@ -236,6 +236,14 @@ def _concrete(x) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------------------- model
+def frame_context(context: jax.Array, frames: int) -> jax.Array:
+    """``(B, L, D)`` (one prompt per video) or ``(B, T, L, D)`` (one per frame) → ``(B·T, L, D)``,
+    rows ordered (b, t) like the frame-wise features."""
+    if context.ndim == 3:
+        context = jnp.repeat(context, frames, axis=0)
+    return context.reshape(-1, *context.shape[-2:])
+
+
 class _EmbedMLP(nnx.Module):
     def __init__(self, cin, cout, *, dtype, param_dtype, rngs):
         self.linear_1 = _linear(cin, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -299,9 +307,7 @@ class UNet3D(nnx.Module):
                                  (b, t))
         inter: dict[str, jax.Array] = {}
         emb = self._embedding(steps, fps, b, inter).reshape(b * t, -1)
-        if context.ndim == 3:
-            context = jnp.repeat(context, t, axis=0)
-        context = context.reshape(b * t, *context.shape[-2:]).astype(self.dtype)
+        context = frame_context(context, t).astype(self.dtype)
 
         mix = None
         if qcache is not None and qcache.enabled:
