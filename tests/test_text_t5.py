@@ -152,6 +152,7 @@ def test_full_size_t5_v1_1_xxl_keys_map_onto_the_model():
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert "shared.weight" in shapes and len(shapes) == 2 + 24 * 9 + 2
     check_manifest(shapes, xxl)
+    check_manifest({k: v for k, v in shapes.items() if k != "shared.weight"}, xxl)  # only the tied alias
     shapes.pop("encoder.block.7.layer.1.DenseReluDense.wi_1.weight")
     with pytest.raises(CheckpointError, match=r"layers\.wi_1: layer\(s\) \[7\] missing"):
         check_manifest(shapes, xxl)
