@@ -173,7 +173,8 @@ def model_config(cfg: TrainConfig) -> tuple[DiTConfig, dict | None]:
 def build_model(cfg: TrainConfig, dit: DiTConfig, saved: dict | None) -> CogVideoXDiT:
     dtype = jnp.dtype(cfg.compute_dtype)
     kw = dict(dtype=dtype, param_dtype=jnp.float32, attention_backend=cfg.attention_backend, remat=cfg.remat)
-    model = CogVideoXDiT(dit, rngs=nnx.Rngs(cfg.seed), **kw)
+    # rbg keys: eager threefry init compiles a large program per parameter shape
+    model = CogVideoXDiT(dit, rngs=nnx.Rngs(jax.random.key(cfg.seed, impl="rbg")), **kw)
     if cfg.gate_init is not None and dit.repvideo:
         model.gates[...] = jnp.full_like(model.gates[...], cfg.gate_init)
     if saved is None:
@@ -342,10 +343,27 @@ def _report(bar, record: dict) -> None:
     bar.write(text + (f" gates {record['gates']}" if "gates" in record else ""))
 
 
+def load_config(config_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Loads a train YAML; relative preset paths not found from the working directory are taken
+    relative to the YAML's own folder (so ``configs/train_tiny.yaml`` can name ``tiny_dit.yaml``)."""
+    cfg = load(TrainConfig, config_path, overrides)
+    here = Path(config_path).parent
+
+    def resolve(path: str) -> str:
+        if not path or Path(path).is_absolute() or Path(path).exists() or not (here / path).exists():
+            return path
+        return str(here / path)
+
+    return dataclasses.replace(
+        cfg, model_preset=resolve(cfg.model_preset),
+        vae=dataclasses.replace(cfg.vae, preset=resolve(cfg.vae.preset)),
+        text=dataclasses.replace(cfg.text, preset=resolve(cfg.text.preset)))
+
+
 def main(config_path: str, overrides: Sequence[str]) -> int:
     """``jax-repvideo train CONFIG [key=value …]``."""
     try:
-        cfg = load(TrainConfig, config_path, overrides)
+        cfg = load_config(config_path, overrides)
         result = train(cfg)
     except (ConfigError, data_lib.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
