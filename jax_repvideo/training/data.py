@@ -24,10 +24,8 @@ slice of the global batch, and resumes from a single integer position.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -36,47 +34,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-log = logging.getLogger(__name__)
+from jax_repvideo.training.config import DataConfig, DataError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 CAPTIONS_FILE = "captions.jsonl"
 DATASET_NAME = "repvideo_clips"
-
-
-class DataError(ValueError):
-    """A data folder, caption file or dataset that cannot be used; the message names the culprit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    data_dir: str = ""  # local video folder; or leave empty and set tfds_name
-    tfds_name: str = ""  # a registered tfds video dataset (array_record)
-    tfds_split: str = "train"
-    tfds_data_dir: str = ""  # where tfds_name is prepared ("" → tfds default)
-    video_field: str = "video"
-    caption_field: str = "caption"
-    cache_dir: str = ""  # where repvideo_clips is written ("" → <out_dir>/tfds)
-    num_frames: int = 49  # 4k+1
-    frame_stride: int = 1
-    height: int = 480
-    width: int = 720
-    clips_per_video: int = 1  # non-overlapping clips taken from the start; 0 = as many as fit
-    preprocess: bool = False  # store VAE latents + T5 embeddings instead of pixels + text
-    batch_size: int = 1  # global batch, split evenly over hosts
-    shuffle_seed: int = 0
-
-    def __post_init__(self):
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise DataError(f"data.num_frames must be 4k+1 (1, 5, 9, …, 49), got {self.num_frames}")
-        if self.frame_stride < 1 or self.clips_per_video < 0 or self.batch_size < 1:
-            raise DataError("data.frame_stride and data.batch_size must be ≥ 1, data.clips_per_video ≥ 0")
-        if self.height < 1 or self.width < 1:
-            raise DataError(f"data.height/width must be positive, got {self.height}×{self.width}")
-
-    @property
-    def span(self) -> int:
-        """Source frames covered by one clip."""
-        return (self.num_frames - 1) * self.frame_stride + 1
 
 
 class Encoder(Protocol):
