@@ -119,7 +119,11 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
     if not wants_distributed(cfg):
         return False
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # coordinator, process count and id come from the environment
+        # TPU pods, SLURM and Open MPI describe themselves; a manual launch sets
+        # JAX_COORDINATOR_ADDRESS (read by jax) plus JAX_NUM_PROCESSES and JAX_PROCESS_ID (read here).
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=int(count) if count else None,
+                                   process_id=int(index) if index else None)
     return True
 
 
