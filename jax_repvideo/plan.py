@@ -35,7 +35,7 @@ from jax_repvideo import sharding
 from jax_repvideo.config import ConfigError
 
 GIB = 1024**3
-VAE_FACTOR = 8  # both VAEs: 8× spatial; CogVideoX also 4× temporal
+VAE_FACTOR = 8  # both full-size VAEs: 8× spatial (architecture presets; run presets use their VAE's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,11 @@ def _job_from_run(data: dict, over: PlanOverrides) -> tuple[Job, sharding.MeshCo
     from jax_repvideo import generate_config
 
     cfg = config_lib.from_dict(generate_config.GenerateConfig, data)
-    height, width = cfg.height // VAE_FACTOR, cfg.width // VAE_FACTOR
+    if cfg.family == "videocrafter2":
+        factor = cfg.videocrafter2.vae.downsample_factor
+    else:
+        factor = cfg.cogvideox.vae.spatial_factor
+    height, width = cfg.height // factor, cfg.width // factor
     cfg_factor = 2 if cfg.guidance.scale != 1.0 else 1
     if cfg.family == "videocrafter2":
         model_config, clip = cfg.videocrafter2.unet, cfg.videocrafter2.unet.temporal_length or 16

@@ -346,6 +346,16 @@ def test_plan_prints_memory_per_device(capsys):
     assert per_device(fsdp, "activations") > 0
 
 
+def test_plan_run_presets_fifo_batch(capsys):
+    from jax_repvideo import plan
+
+    assert plan.main(str(ROOT / "configs" / "tiny_fifo.yaml"), ["mesh.data=8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 16 = 8 FIFO windows × 2 (CFG)" in out and "2 per device" in out
+    assert plan.main(str(ROOT / "configs" / "tiny_fifo_repvideo.yaml"), ["mesh.data=8"]) == 0
+    assert "4 FIFO windows × 2 (CFG); 4 latent frames of 8×8; 1 per device" in capsys.readouterr().out
+
+
 def test_plan_errors():
     from jax_repvideo import plan
 
