@@ -194,16 +194,17 @@ class Layout:
     # --- specs
 
     def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None, *,
-             strict: bool = True) -> PartitionSpec:
-        """PartitionSpec for logical ``names``. With ``shape``, a dim the mesh axes don't divide is
-        an error when ``strict``, else left unsplit. Axes of size 1 are dropped."""
+             strict: bool | None = True) -> PartitionSpec:
+        """PartitionSpec for logical ``names`` (``logical.ANY``: the compiler chooses). With ``shape``,
+        a dim the mesh axes don't divide is an error when ``strict``, left whole when False, left to
+        the compiler when None. Axes of size 1 are dropped."""
         if shape is not None and len(shape) != len(names):
             raise ValueError(f"logical names {tuple(names)} do not match an array of shape {tuple(shape)}")
         used: set[str] = set()
         parts = []
         for dim, name in enumerate(names):
-            if name is None:
-                parts.append(None)
+            if name is None or name == logical.ANY:
+                parts.append(None if name is None else PartitionSpec.UNCONSTRAINED)
                 continue
             if name not in self.rules:
                 raise ValueError(f"unknown logical axis name {name!r}; known: {sorted(self.rules)}")
@@ -214,12 +215,15 @@ class Layout:
                     sizes = ", ".join(f"{a}={self.mesh.shape[a]}" for a in axes)
                     raise ValueError(f"dimension {dim} ({name}) of size {shape[dim]} does not split over "
                                      f"{sizes} (shape {tuple(shape)})")
+                if strict is None:  # activations: let the compiler place it
+                    parts.append(PartitionSpec.UNCONSTRAINED)
+                    continue
                 axes = ()
             used.update(axes)
             parts.append(axes[0] if len(axes) == 1 else (axes or None))
         return PartitionSpec(*parts)
 
-    def sharding(self, names, shape=None, *, strict: bool = True) -> NamedSharding:
+    def sharding(self, names, shape=None, *, strict: bool | None = True) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names, shape, strict=strict))
 
     @property
@@ -238,8 +242,8 @@ class Layout:
 
     def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         """Inside jit: pins an activation's placement by logical names (a dim the mesh axes
-        don't divide stays whole)."""
-        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape, strict=False))
+        don't divide is left to the compiler)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape, strict=None))
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:

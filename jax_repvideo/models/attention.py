@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_repvideo.models.logical import constrain
+from jax_repvideo.models.logical import ANY, constrain
 
 BACKENDS = ("auto", "xla", "chunked", "cudnn")
 # Sequences longer than this never use the dense xla path under "auto".
@@ -44,9 +44,9 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     # Under a sharding context: queries split over tokens, keys/values gathered whole (context
     # parallelism by all-gather of K/V), heads split over tensor. Identity otherwise.
-    q = constrain(q, ("batch", "seq", "act_heads", None))
-    k = constrain(k, ("batch", None, "act_heads", None))
-    v = constrain(v, ("batch", None, "act_heads", None))
+    q = constrain(q, (ANY, "seq", "act_heads", None))
+    k = constrain(k, (ANY, None, "act_heads", None))
+    v = constrain(v, (ANY, None, "act_heads", None))
     backend = _resolve(backend, q, k, bias)
     if backend == "xla":
         return _dense(q, k, v, bias, scale)

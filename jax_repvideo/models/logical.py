@@ -1,7 +1,7 @@
 """Logical activation names for the layers, with no dependency on the mesh.
 
-A layer marks an activation with logical axis names (``constrain(q, ("batch", "seq", "act_heads",
-None))``). Outside a sharding context this is the identity. ``jax_repvideo.sharding`` installs the
+A layer marks an activation with logical axis names (``constrain(q, (ANY, "seq", "act_heads",
+None))``; None keeps a dimension whole, ANY leaves it to the compiler). Outside a sharding context this is the identity. ``jax_repvideo.sharding`` installs the
 resolver that turns names into a placement (``Layout.activate()``), so the layers never import it.
 """
 
@@ -12,6 +12,9 @@ import contextvars
 from typing import Callable, Iterator, Sequence
 
 import jax
+
+# A dimension whose placement the compiler chooses (propagated from the inputs).
+ANY = "any"
 
 Resolver = Callable[[jax.Array, Sequence[str | None]], jax.Array]
 _RESOLVER: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar("logical_resolver", default=None)
