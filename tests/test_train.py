@@ -4,6 +4,7 @@ One jitted train step (same static spec) serves the straight run and the interru
 run; gates-only training compiles a second one.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pytest
 from flax import nnx
 
 from jax_repvideo import checkpoint, cli
-from jax_repvideo.config import ConfigError, from_dict
+from jax_repvideo.config import ConfigError, from_dict, to_dict
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
+from jax_repvideo.training import data as data_lib
 from jax_repvideo.training import train as T
 from jax_repvideo.training.config import TrainConfig
+from jax_repvideo.training.encoders import build_encoder
 from jax_repvideo.training.synthetic import write_folder
 
 TINY = Path(__file__).parent.parent / "configs" / "train_tiny.yaml"
@@ -95,3 +98,45 @@ def test_gates_only_needs_gates():
 def test_cli_bad_data_dir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", str(TINY), f"data_dir={tmp_path / 'missing'}", f"out_dir={tmp_path / 'run'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pixel_path_matches_preprocessed_latents(setup):
+    """Training on pixels encodes each batch with the same frozen VAE/T5 the preprocessing pass used."""
+    root, _ = setup
+    cfg = T.load_config(TINY, overrides(root, "pixels", progress=False, **{"data.preprocess": False}))
+    dit, _ = T.model_config(cfg)
+    encoder = build_encoder(cfg, dit)
+    pixels = data_lib.prepare(cfg.data_config, root / "tfds").as_data_source()["train"]
+    latents = data_lib.prepare(dataclasses.replace(cfg.data_config, preprocess=True), root / "tfds", encoder)
+    latents = latents.as_data_source()["train"]
+    assert len(pixels) == len(latents) == 6
+    for i in (0, 3):  # same keys → same record order in both datasets
+        assert pixels[i]["caption"] == latents[i]["caption"]
+        np.testing.assert_array_equal(encoder.encode_video(pixels[i]["video"][None])[0], latents[i]["latents"])
+        np.testing.assert_array_equal(encoder.encode_text([pixels[i]["caption"].decode()])[0],
+                                      latents[i]["text_embedding"])
+    result = T.train(cfg, encoder=encoder, stop_after=2)
+    assert [r["step"] for r in result["history"]] == [1, 2] and np.isfinite(result["history"][-1]["loss"])
+
+
+def test_init_from_plain_cogvideox_checkpoint_adds_gates(setup, tmp_path):
+    """Gates-only training on a new base model: a checkpoint without gates, gates start at gate_init."""
+    root, straight = setup
+    base = {p: v for p, v in straight["params"].items() if p != "gates"}
+    plain = dataclasses.replace(straight["dit"], repvideo=False)
+    checkpoint.save(tmp_path / "cogvideox", base, {"kind": "cogvideox", "model": to_dict(plain)})
+    cfg = T.load_config(TINY, overrides(root, "finetune", init_checkpoint=tmp_path / "cogvideox", trainable="gates",
+                                        gate_init=0.0, **{"model.repvideo": True}))
+    dit, saved = T.model_config(cfg)
+    params = T.flat_params(T.build_model(cfg, dit, saved))
+    assert dit.repvideo and set(params) == set(base) | {"gates"}
+    np.testing.assert_array_equal(np.asarray(params["gates"]), np.zeros(dit.num_layers))
+    for path, value in base.items():
+        np.testing.assert_array_equal(np.asarray(params[path]), np.asarray(value), err_msg=path)
+    wrong = dataclasses.replace(plain, num_layers=plain.num_layers - 1)
+    checkpoint.save(tmp_path / "wrong", {p: v[:-1] if p.startswith("blocks.") else v for p, v in base.items()},
+                    {"kind": "cogvideox", "model": to_dict(wrong)})
+    cfg = dataclasses.replace(cfg, init_checkpoint=str(tmp_path / "wrong"), model={"num_layers": plain.num_layers})
+    dit, saved = T.model_config(cfg)
+    with pytest.raises(ConfigError, match="shape mismatches"):
+        T.build_model(cfg, dit, saved)

@@ -6,9 +6,10 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jax_repvideo.training import data as D
-from jax_repvideo.training.synthetic import write_folder
+from jax_repvideo.training.synthetic import moving_square, write_folder
 
 
 def config(folder, **kw):
@@ -117,3 +118,38 @@ def test_batches_are_deterministic_sharded_and_resumable():
     resumed.restore({"position": 3, "seed": 3})
     batch = next(resumed)
     assert batch["x"].tolist() == seen[3] and batch["caption"][0].startswith("c")
+
+
+class TinyLabelledVideos(tfds.core.GeneratorBasedBuilder):
+    """A registered tfds video dataset with a ClassLabel and a nested text field."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "frames": tfds.features.Tensor(shape=(None, 32, 48, 3), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=["square", "circle"]),
+            "meta": {"text": tfds.features.Text()},
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, length in enumerate([12, 4, 9]):
+            yield i, {"frames": moving_square(length, seed=i), "label": [0, 0, 1][i], "meta": {"text": f"shape {i}"}}
+
+
+def test_registered_tfds_dataset_by_name(tmp_path):
+    TinyLabelledVideos(data_dir=str(tmp_path / "src"), file_format="array_record").download_and_prepare()
+    for field, want in (("label", {"square", "circle"}), ("meta.text", {"shape 0", "shape 2"})):
+        cfg = D.DataConfig(tfds_name="tiny_labelled_videos", tfds_data_dir=str(tmp_path / "src"), video_field="frames",
+                           caption_field=field, num_frames=5, frame_stride=2, height=16, width=16)
+        with pytest.warns(UserWarning, match="skipped 1 of 3"):
+            source = D.prepare(cfg, tmp_path / "tfds").as_data_source()["train"]
+        assert {source[i]["caption"].decode() for i in range(len(source))} == want
+        assert source[0]["video"].shape == (5, 16, 16, 3)
+    bad = D.DataConfig(tfds_name="tiny_labelled_videos", tfds_data_dir=str(tmp_path / "src"), caption_field="caption",
+                       video_field="frames", num_frames=5)
+    with pytest.raises(D.DataError, match="has no feature 'caption'"):
+        D.prepare(bad, tmp_path / "tfds")

@@ -113,3 +113,8 @@ class TrainConfig:
             raise ConfigError("steps, log_every, save_every and keep must be ≥ 1")
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ConfigError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
+
+    @property
+    def data_config(self) -> DataConfig:
+        """``data`` with the top-level ``data_dir`` override applied."""
+        return dataclasses.replace(self.data, data_dir=self.data_dir or self.data.data_dir)

@@ -33,8 +33,9 @@ from jax_repvideo.training.config import OptimConfig
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     """The model's ``nnx.Param`` leaves as ``{dotted path: array}``."""
-    state = nnx.state(model, nnx.Param)
-    return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(state)}
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # leaves may be abstract (eval_shape)
+    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+    return {".".join(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
 def merge(graphdef, params: Mapping[str, jax.Array], rest) -> nnx.Module:

@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     ``stop_after`` ends the run early at that step (after saving), as an interruption would.
     """
     out = Path(cfg.out_dir)
-    data_cfg = dataclasses.replace(cfg.data, data_dir=cfg.data_dir or cfg.data.data_dir)
+    data_cfg = cfg.data_config
     dit, saved = model_config(cfg)
     if encoder is None:
         from jax_repvideo.training.encoders import build_encoder
