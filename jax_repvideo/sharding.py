@@ -25,6 +25,7 @@ through the q/k/v/out-projection weights, so a head count the tensor size doesn'
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -249,8 +250,12 @@ class Layout:
     def activate(self) -> Iterator[None]:
         """Trace (and call) jitted model code inside this block: the layers' logical
         ``models.logical.constrain`` marks then resolve against this mesh and its rules."""
-        with jax.set_mesh(self.mesh), logical.resolver(self.constrain):
-            yield
+        token = _ACTIVE.set(self)
+        try:
+            with jax.set_mesh(self.mesh), logical.resolver(self.constrain):
+                yield
+        finally:
+            _ACTIVE.reset(token)
 
     def shard_denoiser(self, denoise: Callable) -> Callable:
         """Wraps ``denoise(params, latents, timesteps, cond)`` (the FIFO / sampler contract) so the
@@ -307,6 +312,21 @@ class Layout:
         """Moves an existing (small) model's state into its shardings."""
         graphdef, state = nnx.split(model)
         return nnx.merge(graphdef, jax.device_put(state, self.param_shardings(state)))
+
+
+_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("active_layout", default=None)
+
+
+def active_layout() -> Layout | None:
+    """The layout whose ``activate()`` block is running, if any."""
+    return _ACTIVE.get()
+
+
+def shard_denoiser(denoise: Callable) -> Callable:
+    """``active_layout().shard_denoiser(denoise)`` inside an ``activate()`` block, else ``denoise``:
+    pipelines wrap their denoiser once and run unchanged on one device."""
+    layout = active_layout()
+    return denoise if layout is None else layout.shard_denoiser(denoise)
 
 
 def setup(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layout:

@@ -135,7 +135,7 @@ def _check_fifo(layout, graphdef, sharded_state) -> dict:
     import jax
     import numpy as np
 
-    from jax_repvideo import fifo
+    from jax_repvideo import fifo, sharding
 
     cfg = _tiny_unet_config()
     fifo_cfg = fifo.FifoConfig(video_length=4, num_partitions=2, lookahead=True, new_video_length=4,
@@ -156,7 +156,8 @@ def _check_fifo(layout, graphdef, sharded_state) -> dict:
 
     ref_frames, ref_queue = one_chunk(fifo.unet_denoiser(graphdef, 8), _host(sharded_state))
     with layout.activate():
-        frames, queue = one_chunk(layout.shard_denoiser(fifo.unet_denoiser(graphdef, 8)), sharded_state)
+        assert sharding.active_layout() is layout
+        frames, queue = one_chunk(sharding.shard_denoiser(fifo.unet_denoiser(graphdef, 8)), sharded_state)
     return {"fifo_error": max(_rel(frames, ref_frames), _rel(queue, ref_queue)), "fifo_frames": len(frames)}
 
 
@@ -312,6 +313,16 @@ def test_param_rules_are_trailing_aligned():
     assert layout.param_names("blocks.attn1.to_q.bias", 1) == ("heads",)
     assert layout.param_names("down.0.conv1.kernel", 4) == (None, None, "conv_in", None)
     assert layout.param_names("norm.scale", 1) == (None,)
+
+
+def test_shard_denoiser_is_identity_outside_a_layout():
+    from jax_repvideo import sharding
+
+    def denoise(params, latents, timesteps, cond):
+        return latents
+
+    assert sharding.active_layout() is None
+    assert sharding.shard_denoiser(denoise) is denoise
 
 
 def test_distributed_from_environment():
