@@ -195,7 +195,8 @@ def plan(job: Job, mesh_cfg: sharding.MeshConfig) -> str:
         f"  mesh        {' × '.join(f'{k}={v}' for k, v in shape.items())} = {mesh_cfg.size} devices",
         f"  model call  batch {job.batch} = {job.why_batch}; {job.frames} latent frames of "
         f"{job.height}×{job.width}; {job.batch // batch_split} per device",
-        f"  parameters  {total_params / 1e6:,.1f} M = {_size(param_bytes)} in all, {_size(device_param_bytes)} per device",
+        f"  parameters  {total_params / 1e6:,.1f} M = {_size(param_bytes)} in all, "
+        f"{_size(device_param_bytes)} per device",
         f"  activations {_size(activations)} per device (estimated peak of one forward)",
         f"  total       {_size(device_param_bytes + activations)} per device "
         "(the VAE and text encoder are extra, used between denoiser calls)",

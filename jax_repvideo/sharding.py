@@ -11,15 +11,19 @@ One program runs from one GPU to a TPU pod; only the ``mesh`` section of the con
 * Models carry no sharding code. Their parameters get logical names from ``param_rules``: regexes on
   the dotted parameter path, first match wins, names aligned with the *trailing* dimensions (so a
   stacked, scanned layer's leading layer axis stays unsharded). Unmatched parameters are replicated.
-* Activations are placed at the model boundary (inputs and outputs of the jitted call) and, inside
-  the layers, at the few points marked with ``models.logical.constrain`` (attention's q/k/v); XLA's
-  sharding propagation carries the placement everywhere else. Trace under ``Layout.activate()``.
+* Activations are placed at the model boundary (``Layout.put`` for inputs, ``shard_denoiser`` for a
+  sampler's model call: its batch, FIFO windows × CFG, on ``data``) and, inside the layers, at the
+  few points marked with ``models.logical.constrain``; XLA's sharding propagation carries the
+  placement everywhere else. Trace and run under ``Layout.activate()``.
 
-The DiT's joint attention under ``context``: the hidden state, the RepVideo window sum (computed
-elementwise from the hidden state in the same scan carry) and the queries stay split over tokens;
-each device gathers the full keys and values over ``context`` (an all-gather of K/V, which XLA
-inserts for the token contraction) and attends its own query block. Heads are split over ``tensor``
-through the q/k/v/out-projection weights, so a head count the tensor size doesn't divide is rejected.
+The DiT's joint attention under ``context`` (all-gather of K/V): attention marks its queries
+``(·, seq, act_heads, ·)`` and its keys/values ``(·, None, act_heads, ·)``. The queries, the hidden
+state and the RepVideo window sum (carried next to it in the layer scan, computed elementwise from
+it) stay split over tokens; each device gathers the full keys and values over ``context`` and
+attends its own query block. Heads are split over ``tensor`` through the q/k/v/out-projection
+weights, so a head count the tensor size doesn't divide is rejected (``check_model``).
+The U-Net is meant for ``data`` (and ``fsdp``): its heads vary per level and its GEGLU halves would
+be resharded under ``tensor``.
 """
 
 from __future__ import annotations
@@ -100,9 +104,6 @@ class MeshConfig:
 
 # ----------------------------------------------------------------------------- multi-host
 
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-
-
 def wants_distributed(cfg: MeshConfig, environ: dict[str, str] | None = None) -> bool:
     """Whether this run is one process of several (from the config, else the environment)."""
     if cfg.distributed != "auto":
@@ -129,7 +130,7 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
 
 
 def is_primary() -> bool:
-    """Only process 0 writes videos, latents, checkpoints metadata and logs."""
+    """Only process 0 writes videos, latents and logs; every process runs the same code."""
     return jax.process_index() == 0
 
 

@@ -1,8 +1,9 @@
 """Logical activation names for the layers, with no dependency on the mesh.
 
-A layer marks an activation with logical axis names (``constrain(q, (ANY, "seq", "act_heads",
-None))``; None keeps a dimension whole, ANY leaves it to the compiler). Outside a sharding context this is the identity. ``jax_repvideo.sharding`` installs the
-resolver that turns names into a placement (``Layout.activate()``), so the layers never import it.
+A layer marks an activation with logical axis names: ``constrain(q, (ANY, "seq", "act_heads",
+None))``, where None keeps a dimension whole and ANY leaves it to the compiler. Outside a sharding
+context this is the identity. ``jax_repvideo.sharding`` installs the resolver that turns names into
+a placement (``Layout.activate()``), so the layers never import it.
 """
 
 from __future__ import annotations
