@@ -145,7 +145,7 @@ class FifoState(NamedTuple):
 
     queue: jax.Array  # (Q, H, W, C) latents
     indices: jax.Array  # (Q,) int32 DDIM index of each position
-    prompts: jax.Array  # (Q,) int32 prompt index each slot entered with
+    prompts: jax.Array  # (Q,) int32 prompt index each slot entered with (the prompt-schedule position)
     key: jax.Array  # (2,) uint32 RNG key for the next draws
     iteration: jax.Array  # () int32 iterations done
 
@@ -385,6 +385,9 @@ class FifoSampler:
         ``consumer(first_frame_index, latents (m, H, W, C))`` receives each chunk's output frames
         (the S − f discarded warm-up latents, frame indices < 0, only with ``include_warmup``). Calling
         ``run`` again with the returned state resumes; with a larger ``num_frames`` it extends a finished run.
+        On extension, slots already queued past the old end keep the prompt they entered with (the old
+        schedule's last one); a single longer run matches exactly when its schedule keeps that prompt for
+        the first S new frames.
         """
         num_frames = self.config.new_video_length if num_frames is None else num_frames
         self._check_length(num_frames)

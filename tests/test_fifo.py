@@ -371,3 +371,12 @@ def test_unet_denoiser_passes_fps_and_qcache_to_the_whole_batch():
     (x, t, context, fps, got), = seen
     assert (x, t, context) == ((6, 4, 2, 3, 4), (6, 4), (6, 4, 5, 7)) and got is qcache
     np.testing.assert_array_equal(fps, [8] * 6)
+
+
+def test_stack_prompts_builds_the_table_and_counts():
+    table, frames = fifo.stack_prompts([({"c": jnp.ones(4)}, 3), ({"c": jnp.zeros(4)}, 5)])
+    assert table["c"].shape == (2, 4) and frames == (3, 5)
+    np.testing.assert_array_equal(fifo.prompt_of_frame(jnp.arange(-2, 10), jnp.cumsum(jnp.array(frames))),
+                                  [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ConfigError, match="empty"):
+        fifo.stack_prompts([])
