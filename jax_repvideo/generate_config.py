@@ -112,9 +112,18 @@ def validate(cfg: GenerateConfig) -> None:
     if cfg.family == "videocrafter2":
         if cfg.sampler.kind == "dpm":
             raise ConfigError("sampler.kind=dpm is CogVideoX's sampler; VideoCrafter2 takes fifo or ddim")
+        if cfg.sampler.kind == "ddim":
+            _check_videocrafter_grid(cfg.sampler.steps)
         if cfg.guidance.dynamic or cfg.guidance.unconditional != "negative_prompt":
             raise ConfigError("VideoCrafter2 uses plain CFG with the encoded negative prompt: set "
                               "guidance.dynamic=false and guidance.unconditional=negative_prompt")
+    if cfg.family == "cogvideox":
+        from jax_repvideo.models.vae_cogvideox import decoded_frames
+
+        ratio = cfg.cogvideox.vae.temporal_compression_ratio
+        if decoded_frames((cfg.num_frames - 1) // ratio + 1, ratio) != cfg.num_frames:
+            raise ConfigError(f"num_frames={cfg.num_frames}: the CogVideoX VAE decodes to 1, 9, 17, …, 49, … "
+                              f"frames ({2 * ratio}k+1); choose one of those")
     if cfg.prompt_schedule:
         frames = [n for _, n in cfg.prompt_schedule]
         if any(n < 1 for n in frames) or sum(frames) != cfg.num_frames:
@@ -127,6 +136,17 @@ def validate(cfg: GenerateConfig) -> None:
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_dir():
         raise ConfigError(f"checkpoint directory {cfg.checkpoint} does not exist; make it with: "
                           f"{convert_command(cfg)}")
+
+
+def _check_videocrafter_grid(steps: int) -> None:
+    from jax_repvideo.schedulers import ddim
+
+    try:
+        ddim.videocrafter_timesteps(steps)
+        ddim.make_schedule(ddim.videocrafter_timesteps(steps))
+    except ValueError as err:
+        raise ConfigError(f"sampler.steps={steps} does not fit VideoCrafter's DDIM grid range(0, 1000, 1000//S)+1 "
+                          f"({err}); use e.g. 25 or 50") from None
 
 
 def convert_command(cfg: GenerateConfig) -> str:

@@ -92,9 +92,13 @@ class CogVideoXPipeline:
 
     def latent_frames(self, num_frames: int) -> int:
         ratio = self.models.vae.config.temporal_compression_ratio
-        if num_frames < 1 or (num_frames - 1) % ratio:
-            raise ValueError(f"CogVideoX makes {ratio}k+1 frames (e.g. 49); num_frames={num_frames} is not")
-        return (num_frames - 1) // ratio + 1
+        latents = (num_frames - 1) // ratio + 1
+        # The VAE decodes in 2-latent chunks with the remainder first: an even latent count decodes to
+        # 4·L frames, so only odd counts give the 4k+1 frames asked for (49 = 13 latents).
+        if num_frames < 1 or vae_cogvideox.decoded_frames(latents, ratio) != num_frames:
+            raise ValueError(f"num_frames={num_frames}: the CogVideoX VAE decodes to 1, 9, 17, …, 49, … frames "
+                             f"({2 * ratio}k+1); choose one of those")
+        return latents
 
     def encode_text(self, prompts) -> jax.Array:
         """Prompts → T5 embeddings ``(P, L, D)``."""
