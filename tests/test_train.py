@@ -6,6 +6,9 @@ run; gates-only training compiles a second one.
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +143,25 @@ def test_init_from_plain_cogvideox_checkpoint_adds_gates(setup, tmp_path):
     dit, saved = T.model_config(cfg)
     with pytest.raises(ConfigError, match="shape mismatches"):
         T.build_model(cfg, dit, saved)
+
+
+SHARDED_RUN = """
+import json, sys
+from jax_repvideo.training import train as T
+cfg = T.load_config(sys.argv[1], sys.argv[2:])
+print("RESULT " + json.dumps(T.train(cfg, stop_after=2)["history"]))
+"""
+
+
+def test_sharded_on_4_cpu_devices_matches_one_device(setup):
+    """fsdp=2 × tensor=2 on 4 emulated CPU devices: the same first two steps as the 1-device run."""
+    root, straight = setup
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    args = overrides(root, "sharded", progress=False, **{"mesh.fsdp": 2, "mesh.tensor": 2})
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(TINY), *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    for ours, ref in zip(history, straight["history"][:2]):
+        assert abs(ours["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (ours, ref)
+        assert abs(ours["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (ours, ref)

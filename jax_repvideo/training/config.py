@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, Literal
 
 from jax_repvideo.config import ConfigError
+from jax_repvideo.sharding import MeshConfig
 
 
 class DataError(ValueError):
@@ -105,6 +106,7 @@ class TrainConfig:
     keep: int = 3
     progress: bool = True
 
+    mesh: MeshConfig | None = None  # data / fsdp / context / tensor sizes (jax_repvideo.sharding)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 

@@ -9,6 +9,7 @@ inference format (``jax_repvideo.checkpoint``, kind ``repvideo``), which ``gener
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jax_repvideo import checkpoint
+from jax_repvideo import checkpoint, sharding
 from jax_repvideo.config import ConfigError, from_dict, load, load_yaml, to_dict
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
 from jax_repvideo.training import data as data_lib
@@ -149,13 +150,22 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     iterator = data_lib.BatchIterator(source, data_cfg.batch_size, data_cfg.shuffle_seed,
                                       jax.process_index(), jax.process_count())
 
+    layout = sharding.setup(cfg.mesh) if cfg.mesh is not None else None
+    if layout is not None:
+        sharding.check_model(dit, cfg.mesh)
+        try:  # fail before any compile when the global batch does not split over the batch axes
+            layout.sharding(("batch",), (data_cfg.batch_size,))
+        except ValueError as err:
+            raise ConfigError(f"data.batch_size {data_cfg.batch_size} and the mesh: {err}") from None
     model = build_model(cfg, dit, saved)
+    if layout is not None:
+        model = layout.place_model(model)  # params split by the layout's parameter rules
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     params = flat_params(model)
     del model
     labels = param_labels(params, cfg.trainable, cfg.gate_pattern)
     spec = StepSpec(cfg.optim, tuple(sorted(labels.items())), cfg.steps, cfg.text_dropout)
-    opt_state = make_optimizer(spec).init(params)
+    opt_state = jax.jit(make_optimizer(spec).init)(params)  # moments inherit the params' placement
 
     manager = checkpoint_manager(cfg)
     start = 0
@@ -175,9 +185,10 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     batches = latent_batches(cfg, iterator, encoder)
     tick, tick_step = time.perf_counter(), start
     for step in range(start, end):
-        latents, text = next(batches)
-        params, opt_state, metrics = step_fn(params, opt_state, rest, step, jnp.asarray(latents),
-                                             jnp.asarray(text), alphas_bar, cfg.seed, graphdef=graphdef, spec=spec)
+        latents, text = (_global_batch(x, layout) for x in next(batches))
+        with layout.activate() if layout is not None else contextlib.nullcontext():
+            params, opt_state, metrics = step_fn(params, opt_state, rest, step, latents, text, alphas_bar,
+                                                 cfg.seed, graphdef=graphdef, spec=spec)
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
@@ -201,6 +212,15 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     if end == cfg.steps:
         result["export"] = export(cfg, dit, params)
     return result
+
+
+def _global_batch(local: np.ndarray, layout) -> jax.Array:
+    """This host's slice of the global batch → one array split over the mesh's ``batch`` axes."""
+    if layout is None:
+        return jnp.asarray(local)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    placement = layout.sharding(("batch",) + (None,) * (local.ndim - 1), shape)
+    return jax.make_array_from_process_local_data(placement, np.asarray(local), shape)
 
 
 def _progress(cfg: TrainConfig, start: int, end: int):
