@@ -124,6 +124,9 @@ def _attend_one_query_block(q_block, *, k_blocks, v_blocks, key_valid, scale):
         numer = numer * correction[..., None] + update
         return (new_max, denom, numer), None
 
+    # Under autodiff, keep only the carry per key block (recompute the scores in the backward
+    # pass) instead of every (q_chunk, kv_chunk) probability block, i.e. the full score matrix.
+    step = jax.checkpoint(step, prevent_cse=False)
     (_, denom, numer), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, key_valid))
     out = numer / denom[..., None]
     return out.transpose(0, 2, 1, 3).astype(q_block.dtype)
