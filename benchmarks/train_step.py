@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_repvideo.config import from_dict, load_yaml
-from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
+from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig, load_dit_config
 from jax_repvideo.training.config import OptimConfig
 from jax_repvideo.training.step import StepSpec, flat_params, make_optimizer, param_labels, schedule_table, train_step_fn
 
@@ -49,8 +48,7 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    preset = load_yaml(CONFIGS / ("tiny_dit.yaml" if args.tiny else "repvideo_2b.yaml"))
-    dit = from_dict(DiTConfig, preset.get("model", preset))
+    dit = load_dit_config(CONFIGS / ("tiny_dit.yaml" if args.tiny else "repvideo_2b.yaml"))
     if args.tiny:
         args.frames, args.height, args.width = 9, 8 * dit.sample_height, 8 * dit.sample_width
     latent = (args.batch, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8, dit.in_channels)

@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed calls after the warm-up")
     args = parser.parse_args(argv)
 
-    cfg = load(UNet3DConfig, CONFIGS / ("tiny_unet.yaml" if args.tiny else "videocrafter2_512.yaml"))
+    cfg = load(UNet3DConfig, CONFIGS / ("tiny_unet.yaml" if args.tiny else "videocrafter2_512.yaml"),
+               section="videocrafter2.unet")
     frames = args.frames or (4 if args.tiny else 16)
     height, width = args.height or (8 if args.tiny else 40), args.width or (16 if args.tiny else 64)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32

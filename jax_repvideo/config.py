@@ -81,9 +81,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
-    """Loads a YAML preset into ``cls`` after applying ``key=value`` overrides."""
-    return from_dict(cls, apply_overrides(load_yaml(path), overrides))
+def load(cls: type[T], path: str | Path, overrides: Sequence[str] = (), *, section: str | None = None) -> T:
+    """Loads a YAML preset into ``cls`` after applying ``key=value`` overrides.
+
+    ``section`` (dotted, e.g. ``"videocrafter2.unet"``) reads one part of a larger preset, such as the
+    architecture inside a run preset; a file without that section is read whole.
+    """
+    data = load_yaml(path)
+    for part in (section.split(".") if section else []):
+        if not isinstance(data.get(part), dict):
+            break
+        data = data[part]
+    return from_dict(cls, apply_overrides(data, overrides))
 
 
 def replace(config: T, overrides: Sequence[str]) -> T:

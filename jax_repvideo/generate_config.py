@@ -81,14 +81,16 @@ class GenerateConfig:
     random_init_seed: int = 0  # weights of a random (checkpoint: null) model
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> GenerateConfig:
-    """A validated config from a preset plus ``key=value`` overrides; errors name the key."""
+def load(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> GenerateConfig:
+    """A validated config from a preset plus ``key=value`` overrides; errors name the key.
+
+    ``check_paths=False`` skips the existence check of the checkpoint directory (``plan``)."""
     data = config_lib.apply_overrides(config_lib.load_yaml(path), overrides)
     for field, top in _FIFO_FROM_TOP.items():
         if field in (data.get("fifo") or {}):
             raise ConfigError(f"fifo.{field} is set from {top}; set {top} instead")
     cfg = config_lib.from_dict(GenerateConfig, data)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -101,7 +103,7 @@ def prompt_schedule(cfg: GenerateConfig) -> list[tuple[str, int]]:
     return [tuple(p) for p in cfg.prompt_schedule] if cfg.prompt_schedule else [(cfg.prompt, cfg.num_frames)]
 
 
-def validate(cfg: GenerateConfig) -> None:
+def validate(cfg: GenerateConfig, *, check_paths: bool = True) -> None:
     """Everything checkable from the config alone, before any model is built or compiled."""
     from jax_repvideo import fifo
 
@@ -133,7 +135,7 @@ def validate(cfg: GenerateConfig) -> None:
             raise ConfigError("prompt_schedule needs sampler.kind=fifo")
     if cfg.resume and not cfg.state_dir:
         raise ConfigError("resume=true needs state_dir=DIR (where the interrupted run saved its state)")
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_dir():
+    if check_paths and cfg.checkpoint is not None and not Path(cfg.checkpoint).is_dir():
         raise ConfigError(f"checkpoint directory {cfg.checkpoint} does not exist; make it with: "
                           f"{convert_command(cfg)}")
 
@@ -150,8 +152,15 @@ def _check_videocrafter_grid(steps: int) -> None:
 
 
 def convert_command(cfg: GenerateConfig) -> str:
+    """The command(s) that make ``cfg.checkpoint``."""
+    dst = cfg.checkpoint
     if cfg.family == "videocrafter2":
-        return f"jax-repvideo convert videocrafter2 /path/to/VideoCrafter2/model.ckpt {cfg.checkpoint}"
-    kind = "repvideo" if cfg.cogvideox.transformer.repvideo else "cogvideox"
-    return (f"jax-repvideo convert {kind} /path/to/{'RepVideo' if kind == 'repvideo' else 'CogVideoX-2b'} "
-            f"{cfg.checkpoint}")
+        return f"jax-repvideo convert videocrafter2 /path/to/VideoCrafter2/model.ckpt {dst}"
+    if cfg.cogvideox.transformer.repvideo:
+        transformer = f"jax-repvideo convert repvideo /path/to/RepVideo/mp_rank_00_model_states.pt {dst}/transformer"
+    else:
+        transformer = f"jax-repvideo convert cogvideox /path/to/CogVideoX-2b {dst}/transformer"
+    return "; ".join([transformer,
+                      f"jax-repvideo convert cogvideox-vae /path/to/CogVideoX-2b/vae {dst}/vae",
+                      f"jax-repvideo convert t5 /path/to/CogVideoX-2b/text_encoder {dst}/text_encoder",
+                      f"cp -r /path/to/CogVideoX-2b/tokenizer {dst}/"])

@@ -181,7 +181,7 @@ def test_presets_match_fixture_and_manifest(fixture_dir):
     assert load(UNet3DConfig, "configs/tiny_unet.yaml") == UNet3DConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in tiny.items()})
     full = json.loads((fixture_dir / "checkpoint_manifest.json").read_text())["unet_config"]
-    preset = load(UNet3DConfig, "configs/videocrafter2_512.yaml")
+    preset = load(UNet3DConfig, "configs/videocrafter2_512.yaml", section="videocrafter2.unet")
     assert preset == UNet3DConfig()
     for key, value in full.items():
         assert getattr(preset, key) == (tuple(value) if isinstance(value, list) else value), key

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_repvideo.config import ConfigError, apply_overrides, from_dict, load_yaml
+from jax_repvideo.config import ConfigError
 from jax_repvideo.models.attention import attention
 from jax_repvideo.models.layers import LayerNorm, timestep_embedding
 from jax_repvideo.models.pos_embed_3d import video_pos_embed
@@ -111,10 +111,11 @@ REMAT_POLICIES = {
 
 
 def load_dit_config(path, overrides=()) -> DiTConfig:
-    """A ``DiTConfig`` from a YAML preset: its ``model:`` section, or the whole file if it has none."""
-    data = load_yaml(path)
-    section = data["model"] if isinstance(data.get("model"), dict) else data
-    return from_dict(DiTConfig, apply_overrides(section, overrides))
+    """A ``DiTConfig`` from a YAML preset: a run preset's ``cogvideox.transformer`` section, or the
+    whole file (an architecture-only preset such as ``configs/tiny_dit.yaml``)."""
+    from jax_repvideo.config import load
+
+    return load(DiTConfig, path, overrides, section="cogvideox.transformer")
 
 
 def _chunks(x: jax.Array, n: int) -> list[jax.Array]:
