@@ -18,6 +18,7 @@ from flax import nnx
 from jax_repvideo import checkpoint, cli
 from jax_repvideo.config import ConfigError, from_dict, to_dict
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
+from jax_repvideo.pipeline_cogvideox import CogVideoXPipeline
 from jax_repvideo.training import data as data_lib
 from jax_repvideo.training import train as T
 from jax_repvideo.training.config import TrainConfig
@@ -42,8 +43,8 @@ def setup(tmp_path_factory):
     assert cli.main(["train", str(TINY), *overrides(root, "run")]) == 0
     history = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     export = root / "run" / "export"
-    dit = from_dict(DiTConfig, checkpoint.read_config(export)["model"])
-    model = checkpoint.restore_into(export, nnx.eval_shape(lambda: CogVideoXDiT(dit, rngs=nnx.Rngs(0))))
+    dit = from_dict(DiTConfig, checkpoint.read_config(export / "transformer")["model"])
+    model = checkpoint.restore_into(export / "transformer", nnx.eval_shape(lambda: CogVideoXDiT(dit, rngs=nnx.Rngs(0))))
     return root, {"history": history, "params": T.flat_params(model), "dit": dit, "export": export}
 
 
@@ -75,12 +76,17 @@ def test_resume_is_bit_exact(setup):
         np.testing.assert_array_equal(np.asarray(resumed["params"][path]), np.asarray(value), err_msg=path)
 
 
-def test_export_loads_into_model(setup):
+def test_export_loads_in_generate(setup):
+    """The export is a CogVideoX model folder: generate's pipeline restores every part from it."""
     _, straight = setup
-    # the straight run's params were read back from the export (checkpoint.restore_into the DiT)
-    saved = checkpoint.read_config(straight["export"])
+    saved = checkpoint.read_config(straight["export"] / "transformer")
     assert saved["kind"] == "repvideo" and saved["model"]["repvideo"] is True
-    assert "gates" in straight["params"] and len(straight["params"]) > 10
+    pipe = CogVideoXPipeline.from_pretrained(straight["export"])
+    loaded = T.flat_params(pipe.models.transformer)
+    assert set(loaded) == set(straight["params"]) and "gates" in loaded
+    for path, value in straight["params"].items():
+        np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value), err_msg=path)
+    assert pipe.tokenizer(["a square"]).shape == (1, straight["dit"].max_text_seq_length)
 
 
 def test_gates_only_changes_only_gates(setup):

@@ -97,8 +97,7 @@ class TrainConfig:
     # ---- frozen encoders (needed unless data.preprocess already stores latents)
     vae: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     text: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
-    tokenizer: str = ""  # sentencepiece model of the T5 tokenizer ("" → byte-level stand-in for tiny T5)
-    max_text_length: int = 226
+    tokenizer: str = ""  # T5 sentencepiece model (a CogVideoX folder's tokenizer/spiece.model)
 
     # ---- bookkeeping
     log_every: int = 10

@@ -3,8 +3,8 @@
 ``FrozenEncoder`` implements ``data.Encoder``: the preprocessing pass stores its outputs in the
 tfds dataset, and training on pixels calls it per batch, so both paths give the same numbers.
 Videos are encoded to the posterior *mean* times ``scaling_factor`` (deterministic, so a stored
-latent is reproducible); captions are tokenized to ``max_text_seq_length`` (T5 with EOS, pad 0,
-no attention mask, as CogVideoX) and encoded.
+latent is reproducible); captions are tokenized to ``max_text_seq_length`` with the T5
+sentencepiece tokenizer (EOS, pad, no attention mask, as CogVideoX) and encoded.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from jax_repvideo import checkpoint
 from jax_repvideo.config import ConfigError, from_dict, load_yaml
 from jax_repvideo.models import text_t5, vae_cogvideox
 from jax_repvideo.models.dit import DiTConfig
+from jax_repvideo.models.tokenizer_t5 import T5Tokenizer
 from jax_repvideo.training.config import EncoderConfig, TrainConfig
-
-PAD_ID, EOS_ID = 0, 1
-
 
 class FrozenEncoder:
     """Built from factories: the models are created (or restored) on first use only, so a run whose
@@ -64,35 +62,6 @@ class FrozenEncoder:
         return np.asarray(text_t5.encode(self.t5, self.tokenize(list(captions))), np.float32)
 
 
-def sentencepiece_tokenizer(model_file: str, length: int) -> Callable[[list[str]], np.ndarray]:
-    """T5's tokenizer: sentencepiece ids, truncated to ``length − 1``, then EOS, then pad."""
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-
-    def tokenize(captions: list[str]) -> np.ndarray:
-        return _pack([processor.encode(c)[: length - 1] for c in captions], length)
-
-    return tokenize
-
-
-def byte_tokenizer(vocab_size: int, length: int) -> Callable[[list[str]], np.ndarray]:
-    """A stand-in for tiny random T5s (no vocabulary file): UTF-8 bytes folded into the vocab."""
-
-    def tokenize(captions: list[str]) -> np.ndarray:
-        return _pack([[2 + b % (vocab_size - 2) for b in c.encode()][: length - 1] for c in captions], length)
-
-    return tokenize
-
-
-def _pack(rows: list[list[int]], length: int) -> np.ndarray:
-    ids = np.full((len(rows), length), PAD_ID, np.int32)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        ids[i, len(row)] = EOS_ID
-    return ids
-
-
 def _load(enc: EncoderConfig, config_cls, model_cls, what: str):
     """``(config, factory, fingerprint)`` of a frozen model; the factory restores or random-inits it."""
     if enc.checkpoint:
@@ -122,9 +91,8 @@ def build_encoder(cfg: TrainConfig, dit: DiTConfig) -> FrozenEncoder:
         raise ConfigError(f"vae.latent_channels {vae_cfg.latent_channels} != model.in_channels {dit.in_channels}")
     if t5_cfg.d_model != dit.text_embed_dim:
         raise ConfigError(f"text d_model {t5_cfg.d_model} != model.text_embed_dim {dit.text_embed_dim}")
-    length = dit.max_text_seq_length
-    if cfg.tokenizer:
-        tokenize, tok_id = sentencepiece_tokenizer(cfg.tokenizer, length), str(Path(cfg.tokenizer).absolute())
-    else:
-        tokenize, tok_id = byte_tokenizer(t5_cfg.vocab_size, length), "bytes"
-    return FrozenEncoder(make_vae, vae_cfg, make_t5, t5_cfg, tokenize, f"{vae_id}|{t5_id}|{tok_id}:{length}")
+    if not cfg.tokenizer:
+        raise ConfigError("tokenizer: set the T5 sentencepiece model (a model folder's tokenizer/spiece.model)")
+    tokenize = T5Tokenizer(cfg.tokenizer, dit.max_text_seq_length)
+    fingerprint = f"{vae_id}|{t5_id}|{Path(cfg.tokenizer).absolute()}:{dit.max_text_seq_length}"
+    return FrozenEncoder(make_vae, vae_cfg, make_t5, t5_cfg, tokenize, fingerprint)

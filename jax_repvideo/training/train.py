@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from jax_repvideo.training.step import (StepSpec, flat_params, gate_paths, learn
                                          param_labels, schedule_table, train_step_fn)
 
 CHECKPOINT_KIND = "repvideo"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # ----------------------------------------------------------------------------- model
 
@@ -111,10 +113,28 @@ def restore_state(manager, params, opt_state):
     return state["params"], state["opt_state"], int(state["step"]), restored["data"]
 
 
-def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array]) -> Path:
-    """Writes the inference checkpoint (same format as ``convert``) to ``out_dir/export``."""
-    config = {"kind": CHECKPOINT_KIND, "model": to_dict(dit), "trained_steps": cfg.steps}
-    return checkpoint.save(Path(cfg.out_dir) / "export", {p: np.asarray(v) for p, v in params.items()}, config)
+def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array], encoder) -> Path:
+    """Writes ``out_dir/export`` as a CogVideoX model folder that ``generate`` loads (``checkpoint=``):
+    ``transformer/`` (the trained DiT, kind ``repvideo``, same format as ``convert``), ``vae/`` and
+    ``text_encoder/`` (links to the converted checkpoints used, or the random preset weights written
+    out) and ``tokenizer/spiece.model``."""
+    folder = Path(cfg.out_dir).absolute() / "export"
+    kind = CHECKPOINT_KIND if dit.repvideo else "cogvideox"
+    checkpoint.save(folder / "transformer", {p: np.asarray(v) for p, v in params.items()},
+                    {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
+    for part, enc, model, kind in (("vae", cfg.vae, "vae", "cogvideox-vae"), ("text_encoder", cfg.text, "t5", "t5")):
+        target = folder / part
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        if enc.checkpoint:
+            target.symlink_to(Path(enc.checkpoint).absolute(), target_is_directory=True)
+        elif encoder is not None:
+            module = getattr(encoder, model)
+            checkpoint.save(target, flat_params(module), {"kind": kind, "model": to_dict(module.config)})
+    if cfg.tokenizer:
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(cfg.tokenizer, folder / "tokenizer" / "spiece.model")
+    return folder
 
 
 # ----------------------------------------------------------------------------- loop
@@ -210,7 +230,7 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
         bar.close()
     result = {"params": params, "dit": dit, "history": history, "export": None}
     if end == cfg.steps:
-        result["export"] = export(cfg, dit, params)
+        result["export"] = export(cfg, dit, params, encoder)
     return result
 
 
@@ -241,18 +261,21 @@ def _report(bar, record: dict) -> None:
 
 
 def load_config(config_path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Loads a train YAML; relative preset paths not found from the working directory are taken
-    relative to the YAML's own folder (so ``configs/train_tiny.yaml`` can name ``tiny_dit.yaml``)."""
+    """Loads a train YAML; relative preset and tokenizer paths not found from the working directory
+    are looked up next to the YAML, then in the package assets (``tiny_spiece.model``)."""
     cfg = load(TrainConfig, config_path, overrides)
     here = Path(config_path).parent
 
     def resolve(path: str) -> str:
-        if not path or Path(path).is_absolute() or Path(path).exists() or not (here / path).exists():
+        if not path or Path(path).is_absolute() or Path(path).exists():
             return path
-        return str(here / path)
+        for folder in (here, ASSETS):
+            if (folder / path).exists():
+                return str(folder / path)
+        return path
 
     return dataclasses.replace(
-        cfg, model_preset=resolve(cfg.model_preset),
+        cfg, model_preset=resolve(cfg.model_preset), tokenizer=resolve(cfg.tokenizer),
         vae=dataclasses.replace(cfg.vae, preset=resolve(cfg.vae.preset)),
         text=dataclasses.replace(cfg.text, preset=resolve(cfg.text.preset)))
 
