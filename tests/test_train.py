@@ -171,3 +171,11 @@ def test_sharded_on_4_cpu_devices_matches_one_device(setup):
     for ours, ref in zip(history, straight["history"][:2]):
         assert abs(ours["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (ours, ref)
         assert abs(ours["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (ours, ref)
+
+
+def test_presets_parse_and_unknown_keys_are_named():
+    real = T.load_config(TINY.parent / "train_repvideo.yaml", ["data_dir=/videos", "steps=10"])
+    assert (real.data_config.data_dir, real.steps, real.remat, real.compute_dtype) == ("/videos", 10, "full", "bfloat16")
+    assert (real.data.num_frames, real.data.height, real.data.width) == (49, 480, 720)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        T.load_config(TINY, ["optim.lr=1e-4"])
