@@ -19,7 +19,7 @@ from flax import nnx
 
 from jax_repvideo import checkpoint, cli
 from jax_repvideo.config import ConfigError, from_dict, to_dict
-from jax_repvideo.config import load_yaml as yaml_load
+from jax_repvideo.models.attention import attention
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
 from jax_repvideo.pipeline_cogvideox import CogVideoXPipeline
 from jax_repvideo.training import data as data_lib
@@ -184,22 +184,13 @@ def test_presets_parse_and_unknown_keys_are_named():
         T.load_config(TINY, ["optim.lr=1e-4"])
 
 
-def test_remat_and_chunked_attention_keep_gradients():
-    """remat=full with chunked attention (several key blocks) gives the plain xla gradients."""
-    dit = from_dict(DiTConfig, {**yaml_load(TINY.parent / "tiny_dit.yaml"), "num_layers": 7})
-    x = jax.random.normal(jax.random.key(1), (1, 3, 6, 8, 4))
-    c = jax.random.normal(jax.random.key(2), (1, 8, 32))
+def test_chunked_attention_gradients_match_dense():
+    """The checkpointed key-block step of chunked attention (what training at 17,776 tokens uses)
+    gives the dense gradients; several query and key blocks, a padded last block."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 21, 2, 8)) for i in range(3))
 
     def grads(**kw):
-        graphdef, params = nnx.split(CogVideoXDiT(dit, rngs=nnx.Rngs(0), **kw), nnx.Param)
-        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(x, jnp.full((1, 3), 500), c) ** 2)  # noqa: E731
-        return dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(jax.jit(jax.grad(loss))(params)))[0])
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, **kw))), argnums=(0, 1, 2)))(q, k, v)
 
-    ref, ours = grads(remat="none", attention_backend="xla"), grads(remat="full", attention_backend="chunked",
-                                                                    attention_chunk=8)
-    top = max(float(jnp.abs(g).max()) for g in ref.values())
-    for path, g in ref.items():
-        scale = float(jnp.abs(g).max())
-        if scale > 1e-4 * top:  # skip grads that are 0 in exact arithmetic (norm_k.bias: softmax-invariant)
-            err = float(jnp.abs(ours[path] - g).max()) / scale
-            assert err < 1e-4, (jax.tree_util.keystr(path), err)
+    for ours, ref in zip(grads(backend="chunked", q_chunk=8, kv_chunk=8), grads(backend="xla")):
+        assert float(jnp.abs(ours - ref).max() / jnp.abs(ref).max()) < 1e-5

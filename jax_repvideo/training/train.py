@@ -197,11 +197,13 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     alphas_bar = schedule_table(cfg.snr_shift_scale)
     gates = gate_paths(params, cfg.gate_pattern)
     lr = learning_rate(cfg.optim, cfg.optim.learning_rate, cfg.steps)
+    gate_lr = learning_rate(cfg.optim, cfg.optim.gate_learning_rate, cfg.steps)
+    primary = jax.process_index() == 0  # one log and one progress bar per run, not per host
     log = MetricsLog(out / "metrics.jsonl")
     step_fn = train_step_fn()
     history = []
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    bar = _progress(cfg, start, end)
+    bar = _progress(cfg, start, end) if primary else None
     batches = latent_batches(cfg, iterator, encoder)
     tick, tick_step = time.perf_counter(), start
     for step in range(start, end):
@@ -212,15 +214,17 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                      "lr": float(lr(step))}
+                      "lr": float(lr(step))}  # the backbone's (0 updates applied when trainable: gates)
             if gates:
+                record["gate_lr"] = float(gate_lr(step))
                 record["gates"] = np.asarray(params[gates[0]], np.float64).round(6).tolist()
             now = time.perf_counter()
             record["steps_per_s"] = round((done - tick_step) / max(now - tick, 1e-9), 4)
             tick, tick_step = now, done
             history.append(record)
-            log.write(record)
-            _report(bar, record)
+            if primary:
+                log.write(record)
+                _report(bar, record)
         if bar is not None:
             bar.update(1)
         if done % cfg.save_every == 0 or done == end:
