@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_repvideo import checkpoint, fifo, fifo_dit
+from jax_repvideo import checkpoint, fifo, fifo_dit, sharding
 from jax_repvideo.config import from_dict
 from jax_repvideo.models import vae_cogvideox
 from jax_repvideo.models.dit import CogVideoXDiT, DiTConfig
@@ -140,7 +140,8 @@ class CogVideoXPipeline:
         return vae_cogvideox.scale_latents(vae, mean)[0]
 
     def fifo_sampler(self, config: fifo.FifoConfig) -> fifo.FifoSampler:
-        return fifo.FifoSampler(fifo_dit.dit_denoiser(self.dit_graph), self.dit_params, config,
+        denoise = sharding.shard_denoiser(fifo_dit.dit_denoiser(self.dit_graph))  # windows × CFG on data
+        return fifo.FifoSampler(denoise, self.dit_params, config,
                                 schedule=fifo_dit.fifo_schedule(config.video_length * config.num_partitions))
 
 

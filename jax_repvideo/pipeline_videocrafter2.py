@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_repvideo import checkpoint, fifo
+from jax_repvideo import checkpoint, fifo, sharding
 from jax_repvideo.caches import QCacheConfig
 from jax_repvideo.config import from_dict
 from jax_repvideo.models.text_clip import OpenCLIPTextConfig, OpenCLIPTextEncoder
@@ -112,7 +112,7 @@ class VideoCrafter2Pipeline:
         return _jitted(graphdef, "encode_latents")(state, images)
 
     def fifo_sampler(self, config: fifo.FifoConfig, fps: int, qcache: QCacheConfig | None = None) -> fifo.FifoSampler:
-        denoise = fifo.unet_denoiser(self.unet_graph, int(fps), qcache)
+        denoise = sharding.shard_denoiser(fifo.unet_denoiser(self.unet_graph, int(fps), qcache))
         return fifo.FifoSampler(denoise, self.unet_params, config)
 
     def sample_ddim(self, context, uncond, latent_hw, *, frames: int, steps: int, eta: float, guidance_scale: float,
@@ -123,7 +123,7 @@ class VideoCrafter2Pipeline:
         k_x, k_steps = jax.random.split(jax.random.PRNGKey(seed))
         x_T = jax.random.normal(k_x, shape)
         noise = jax.random.normal(k_steps, (steps, *shape))
-        denoise = fifo.unet_denoiser(self.unet_graph, int(fps), qcache)
+        denoise = sharding.shard_denoiser(fifo.unet_denoiser(self.unet_graph, int(fps), qcache))
         cond = {"context": jnp.broadcast_to(context, (1, frames, *context.shape))}
         uncond = {"context": jnp.broadcast_to(uncond, (1, frames, *uncond.shape))}
         scale = guidance_scale if guidance_scale != 1.0 else None

@@ -263,6 +263,8 @@ class Layout:
         batch axis of its inputs and output (FIFO: windows × CFG) is split by the ``batch`` rule."""
 
         def batch_first(a):
+            if not getattr(a, "ndim", 0):
+                return a
             return self.constrain(a, ("batch",) + (None,) * (a.ndim - 1))
 
         def sharded(params, latents, timesteps, cond):
