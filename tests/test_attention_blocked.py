@@ -1,0 +1,28 @@
+"""The CPU ``blocked`` attention path equals the dense reference (odd lengths, query padding)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_repvideo.models import attention as attn
+
+
+def test_blocked_equals_dense_with_padding():
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 37, 3, 8))
+    k = jax.random.normal(kk, (2, 53, 3, 8))
+    v = jax.random.normal(kv, (2, 53, 3, 8))
+    dense = attn.attention(q, k, v, backend="xla")
+    blocked = attn.attention(q, k, v, backend="blocked", q_chunk=16)
+    np.testing.assert_allclose(blocked, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_rejects_bias_and_auto_picks_it_on_cpu_for_mid_length():
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match="blocked"):
+        attn.attention(q, q, q, bias=jnp.zeros((1, 1, 8, 8)), backend="blocked")
+    mid = jnp.zeros((1, attn.BLOCKED_MIN_TOKENS, 2, 4))
+    expected = "blocked" if jax.default_backend() == "cpu" else "xla"
+    assert attn._resolve("auto", mid, mid, None) == expected
+    assert attn._resolve("auto", q, q, None) == "xla"
