@@ -1,8 +1,9 @@
 """Times one jitted VideoCrafter2 U-Net forward with random weights.
 
 Default: the full-size t2v-512 U-Net in bf16 on ``(2·16, 40, 64)`` latent frames (CFG × 16 frames of
-a 320×512 video), on whatever device JAX finds. Prints compile time, step time, XLA cost-analysis
-FLOPs and, when the device's peak is known, MFU. ``--tiny`` runs the fixture-size U-Net (CPU smoke
+a 320×512 video), on whatever device JAX finds. Prints compile time (separately), step time, XLA
+cost-analysis FLOPs, MFU when the device's peak is known, and peak device memory (allocator stats on
+GPU/TPU; XLA's own estimate everywhere). ``--tiny`` runs the fixture-size U-Net (CPU smoke
 test). Not part of the test suite.
 
     python benchmarks/unet_step.py [--tiny] [--dtype bf16|f32] [--qcache] [--attention auto|xla|cudnn|chunked]
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,34 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf import load_average, memory_line, mfu_line, peak_flops, total_flops  # noqa: E402,F401
+
+from jax_repvideo import compilation_cache  # noqa: E402
 from jax_repvideo.caches import QCacheConfig
 from jax_repvideo.config import load
 from jax_repvideo.models.unet3d import UNet3D, UNet3DConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
-PEAK_BF16 = {
-    "H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-    "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device) -> float | None:
-    kind = device.device_kind
-    for name in sorted(PEAK_BF16, key=len, reverse=True):  # most specific name first
-        if name.lower() in kind.lower():
-            return PEAK_BF16[name]
-    return None
-
-
-def total_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
 
 def random_state(abstract, seed: int = 0):
     """Random weights for an abstract state, drawn with numpy (a jitted init of ~1500 tensors
@@ -80,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--qcache", action="store_true", help="Q-cache on (default map, v = 0.9)")
     parser.add_argument("--steps", type=int, default=5, help="timed calls after the warm-up")
     args = parser.parse_args(argv)
+    compilation_cache.enable()  # only when JAX_REPVIDEO_COMPILATION_CACHE is set
 
     cfg = load(UNet3DConfig, CONFIGS / ("tiny_unet.yaml" if args.tiny else "videocrafter2_512.yaml"),
                section="videocrafter2.unet")
@@ -127,12 +111,10 @@ def main(argv=None) -> None:
     print(f"step          {step_s * 1e3:.1f} ms (median of {args.steps}; min {min(times) * 1e3:.1f} ms)")
     if flops:
         print(f"FLOPs         {flops / 1e12:.3f} TFLOP per call (XLA cost analysis), "
-              f"{flops / step_s / 1e12:.1f} TFLOP/s achieved")
-        peak = peak_flops(device)
-        if peak and args.dtype == "bf16":
-            print(f"MFU           {flops / step_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16 peak")
-        else:
-            print("MFU           n/a (no known bf16 peak for this device / dtype)")
+              f"{flops / step_s / 1e12:.3f} TFLOP/s achieved")
+    print(mfu_line(flops, step_s, device, args.dtype == "bf16"))
+    print(memory_line(compiled, device))
+    print(load_average())
 
 
 if __name__ == "__main__":
