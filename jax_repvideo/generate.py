@@ -32,7 +32,6 @@ def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     except (config_lib.ConfigError, ValueError, OSError) as err:
         print(f"jax-repvideo generate: error: {err}", file=sys.stderr)
         return 2
-    sharding.initialize_distributed(cfg.mesh)
     try:
         run(cfg)
     except FloatingPointError as err:

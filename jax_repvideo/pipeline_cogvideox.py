@@ -62,7 +62,7 @@ class CogVideoXPipeline:
     @classmethod
     def random(cls, transformer: DiTConfig, vae: CogVideoXVAEConfig, text: T5Config, tokenizer: str | Path,
                seed: int = 0, dtype=jnp.float32) -> "CogVideoXPipeline":
-        models = CogVideoXModels(transformer, vae, text, rngs=nnx.Rngs(seed), dtype=dtype)
+        models = sharding.init_model(lambda: CogVideoXModels(transformer, vae, text, rngs=nnx.Rngs(seed), dtype=dtype))
         return cls(models, T5Tokenizer(tokenizer, max_length=transformer.max_text_seq_length))
 
     @classmethod
@@ -70,7 +70,7 @@ class CogVideoXPipeline:
                         dtype=jnp.float32) -> "CogVideoXPipeline":
         directory = Path(directory)
         configs = {part: _read_part(directory, part) for part in PARTS}
-        abstract = nnx.eval_shape(lambda: CogVideoXModels(configs["transformer"], configs["vae"],
+        abstract = sharding.abstract_model(lambda: CogVideoXModels(configs["transformer"], configs["vae"],
                                                           configs["text_encoder"], rngs=nnx.Rngs(0), dtype=dtype))
         for part in PARTS:
             setattr(abstract, part, checkpoint.restore_into(directory / part, getattr(abstract, part)))

@@ -61,7 +61,7 @@ class VideoCrafter2Pipeline:
     @classmethod
     def random(cls, arch: VideoCrafter2Arch, seed: int = 0, dtype=jnp.float32) -> "VideoCrafter2Pipeline":
         """Randomly initialised weights (the embedded demo and tests)."""
-        return cls(VideoCrafter2Models(arch, rngs=nnx.Rngs(seed), dtype=dtype), arch)
+        return cls(sharding.init_model(lambda: VideoCrafter2Models(arch, rngs=nnx.Rngs(seed), dtype=dtype)), arch)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, arch: VideoCrafter2Arch | None = None,
@@ -77,7 +77,7 @@ class VideoCrafter2Pipeline:
         saved_archs = {"unet": UNet3DConfig, "vae": AutoencoderKLConfig, "text": OpenCLIPTextConfig}
         arch = dataclasses.replace(arch, **{name: from_dict(cls_, saved[name])
                                             for name, cls_ in saved_archs.items() if name in saved})
-        abstract = nnx.eval_shape(lambda: VideoCrafter2Models(arch, rngs=nnx.Rngs(0), dtype=dtype))
+        abstract = sharding.abstract_model(lambda: VideoCrafter2Models(arch, rngs=nnx.Rngs(0), dtype=dtype))
         return cls(checkpoint.restore_into(directory, abstract), arch)
 
     # ------------------------------------------------------------------ pieces

@@ -332,6 +332,22 @@ def shard_denoiser(denoise: Callable) -> Callable:
     return denoise if layout is None else layout.shard_denoiser(denoise)
 
 
+def abstract_model(constructor: Callable[[], nnx.Module]) -> nnx.Module:
+    """The restore target of ``constructor``: sharded by the active layout, else plain ``eval_shape``."""
+    layout = active_layout()
+    if layout is None or layout.mesh.size == 1:
+        return nnx.eval_shape(constructor)
+    return layout.abstract_model(constructor)
+
+
+def init_model(constructor: Callable[[], nnx.Module]) -> nnx.Module:
+    """``constructor()`` built in the active layout's shardings (each device makes its shards)."""
+    layout = active_layout()
+    if layout is None or layout.mesh.size == 1:  # eager: no init compile on one device
+        return constructor()
+    return layout.init_model(constructor)
+
+
 def setup(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layout:
     """Starts multi-host JAX when asked, then builds the mesh and its rules."""
     if devices is None:
