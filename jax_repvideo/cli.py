@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from jax_repvideo import compilation_cache
+
+    compilation_cache.enable()  # persistent compile cache when JAX_REPVIDEO_COMPILATION_CACHE=DIR is set
     if args.command == "verify":
         from jax_repvideo import verify
 
