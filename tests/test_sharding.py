@@ -224,7 +224,22 @@ def run_checks(tmp: Path) -> dict:
     results.update(_check_unet(data8, *unet))
     results.update(_check_fifo(data8, *unet))
     results.update(_check_dit(sharding.setup(sharding.MeshConfig(data=2, context=2, tensor=2))))
+    results.update(_check_generate(tmp))
     return results
+
+
+# The tiny FIFO preset, shrunk as in test_generate (4 windows × CFG = a batch of 8 on data=8).
+GENERATE_ARGS = ["configs/tiny_fifo.yaml", "fifo.video_length=4", "fifo.num_partitions=2", "fifo.chunk_size=4",
+                 "height=32", "width=32", "num_frames=4"]
+
+
+def _check_generate(tmp: Path) -> dict:
+    from jax_repvideo import cli
+
+    latents = tmp / "generate8.npz"
+    code = cli.main(["generate", *GENERATE_ARGS, "mesh.data=8", f"out={tmp / 'generate8.mp4'}",
+                     f"save_latents={latents}"])
+    return {"generate_code": code, "generate_latents": str(latents)}
 
 
 # ----------------------------------------------------------------------------- pytest side
@@ -274,6 +289,18 @@ def test_checkpoint_restores_into_shardings(eight_devices):
 
 
 # in-process checks on the 1 CPU device
+
+
+def test_generate_with_data_8_matches_one_device(eight_devices, tmp_path):
+    import numpy as np
+
+    from jax_repvideo import cli
+
+    assert eight_devices["generate_code"] == 0
+    one = tmp_path / "generate1.npz"
+    assert cli.main(["generate", *GENERATE_ARGS, f"out={tmp_path / 'g1.mp4'}", f"save_latents={one}"]) == 0
+    ours = np.load(eight_devices["generate_latents"])["latents"]
+    assert _rel(ours, np.load(one)["latents"]) <= 1e-5
 
 
 def test_mesh_must_match_device_count():
