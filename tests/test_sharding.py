@@ -387,7 +387,7 @@ def test_plan_prints_memory_per_device(capsys):
 def test_plan_run_presets_fifo_batch(capsys):
     from jax_repvideo import plan
 
-    assert plan.main(str(ROOT / "configs" / "tiny_fifo.yaml"), ["mesh.data=8"]) == 0
+    assert plan.main(str(ROOT / "configs" / "tiny_fifo.yaml"), ["mesh.data=8", "fifo.num_partitions=4"]) == 0
     out = capsys.readouterr().out
     assert "batch 16 = 8 FIFO windows × 2 (CFG)" in out and "2 per device" in out
     assert plan.main(str(ROOT / "configs" / "tiny_fifo_repvideo.yaml"), ["mesh.data=8"]) == 0
