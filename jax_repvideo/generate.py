@@ -29,18 +29,19 @@ def main(config_path: str, overrides: Sequence[str] = ()) -> int:
             if not cfg.save_latents.endswith(".npz"):
                 raise ValueError(f"save_latents={cfg.save_latents}: the file name must end in .npz")
             check_writable(Path(cfg.save_latents).with_suffix(".mp4"))
+        layout = sharding.setup(cfg.mesh)  # a mesh that doesn't fit the devices fails here
     except (config_lib.ConfigError, ValueError, OSError) as err:
         print(f"jax-repvideo generate: error: {err}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        run(cfg, layout)
     except FloatingPointError as err:
         print(f"jax-repvideo generate: error: {err}", file=sys.stderr)
         return 3
     return 0
 
 
-def run(cfg: gc.GenerateConfig) -> Path | None:
+def run(cfg: gc.GenerateConfig, layout: sharding.Layout | None = None) -> Path | None:
     """Generates the video of ``cfg``; returns the written file (None on non-primary processes)."""
     from jax_repvideo.pipelines import Pipeline
 
@@ -48,7 +49,7 @@ def run(cfg: gc.GenerateConfig) -> Path | None:
         print("jax-repvideo: no checkpoint configured — the weights are RANDOM; the video is noise-like "
               "and only shows that the whole path runs.", file=sys.stderr)
     started = time.perf_counter()
-    with sharding.setup(cfg.mesh).activate():
+    with (layout or sharding.setup(cfg.mesh)).activate():
         pipe = Pipeline(cfg)
         store = RunStore(cfg.state_dir, fingerprint(cfg)) if cfg.state_dir else None
         primary = sharding.is_primary()

@@ -105,6 +105,7 @@ def test_cogvideox_plain_dpm_and_repvideo_fifo(tmp_path):
     (["out=video.avi"], "must end in"),
     (["resume=true"], "needs state_dir"),
     (["sampler.kind=ddim", "sampler.steps=3"], "does not fit VideoCrafter's DDIM grid"),
+    (["mesh.data=3"], "mesh"),
 ])
 def test_errors_name_the_problem_before_anything_runs(tmp_path, capsys, overrides, message):
     code = cli.main(["generate", str(CONFIGS / "tiny_fifo.yaml"), *overrides])
