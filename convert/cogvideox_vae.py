@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from convert.common import CheckpointError, Rule, conv2d, conv3d, convert_state_dict, load_safetensors_folder
+from convert.common import (Rule, conv2d, conv3d, convert_state_dict, fill_params, load_safetensors_folder,
+                            model_folder)
 from jax_repvideo import checkpoint
 from jax_repvideo.config import to_dict
 from jax_repvideo.models.vae_cogvideox import CogVideoXVAE, CogVideoXVAEConfig, config_from_diffusers
@@ -47,11 +48,7 @@ def convert_vae(state: Mapping[str, Any], cfg: CogVideoXVAEConfig) -> dict:
 
 def vae_folder(src: str | Path) -> Path:
     """``src`` itself when it holds the VAE's ``config.json``, else ``src/vae``."""
-    src = Path(src)
-    folder = src if (src / "config.json").is_file() and not (src / "vae").is_dir() else src / "vae"
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"no diffusers VAE config at {folder / 'config.json'}")
-    return folder
+    return model_folder(src, "vae", "diffusers VAE")
 
 
 def load_vae(src: str | Path, **config_overrides) -> tuple[CogVideoXVAEConfig, dict]:
@@ -64,10 +61,7 @@ def load_vae(src: str | Path, **config_overrides) -> tuple[CogVideoXVAEConfig, d
 def load_model(src: str | Path, **config_overrides) -> CogVideoXVAE:
     """A ready ``CogVideoXVAE`` from a diffusers folder (params placed on the default device)."""
     cfg, flat = load_vae(src, **config_overrides)
-    model = abstract_vae(cfg)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, checkpoint.nest(flat))
-    return nnx.merge(nnx.graphdef(model), state)
+    return fill_params(abstract_vae(cfg), flat)
 
 
 def main(src: str, dst: str) -> None:

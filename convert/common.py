@@ -152,6 +152,26 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def model_folder(src: str | Path, sub: str, what: str) -> Path:
+    """``src`` itself when it holds a ``config.json`` (and no ``src/sub``), else ``src/sub``."""
+    src = Path(src)
+    folder = src if (src / "config.json").is_file() and not (src / sub).is_dir() else src / sub
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"no {what} config at {folder / 'config.json'}")
+    return folder
+
+
+def fill_params(abstract_model, flat: Mapping[str, np.ndarray]):
+    """A concrete NNX model: ``abstract_model`` (eval_shape) with its params set from flat dotted ``flat``."""
+    from flax import nnx
+
+    from jax_repvideo import checkpoint
+
+    state = nnx.state(abstract_model, nnx.Param)
+    nnx.replace_by_pure_dict(state, checkpoint.nest(flat))
+    return nnx.merge(nnx.graphdef(abstract_model), state)
+
+
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
     """The entries of ``state`` under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

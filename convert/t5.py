@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from convert.common import CheckpointError, Rule, check_keys_only, convert_state_dict, linear, load_safetensors_folder
+from convert.common import (CheckpointError, Rule, check_keys_only, convert_state_dict, fill_params, linear,
+                            load_safetensors_folder, model_folder)
 from jax_repvideo import checkpoint
 from jax_repvideo.config import to_dict
 from jax_repvideo.models.text_t5 import T5Config, T5Encoder, config_from_transformers
@@ -64,11 +65,7 @@ def check_manifest(keys_and_shapes: Mapping[str, Any], cfg: T5Config) -> None:
 
 def text_encoder_folder(src: str | Path) -> Path:
     """``src`` itself when it holds a T5 ``config.json``, else ``src/text_encoder``."""
-    src = Path(src)
-    folder = src if (src / "config.json").is_file() and not (src / "text_encoder").is_dir() else src / "text_encoder"
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"no transformers T5 config at {folder / 'config.json'}")
-    return folder
+    return model_folder(src, "text_encoder", "transformers T5")
 
 
 def load_t5(src: str | Path, **config_overrides) -> tuple[T5Config, dict]:
@@ -80,10 +77,7 @@ def load_t5(src: str | Path, **config_overrides) -> tuple[T5Config, dict]:
 def load_model(src: str | Path, **config_overrides) -> T5Encoder:
     """A ready ``T5Encoder`` from a transformers folder."""
     cfg, flat = load_t5(src, **config_overrides)
-    model = abstract_t5(cfg)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, checkpoint.nest(flat))
-    return nnx.merge(nnx.graphdef(model), state)
+    return fill_params(abstract_t5(cfg), flat)
 
 
 def main(src: str, dst: str) -> None:
