@@ -27,7 +27,7 @@ from flax import nnx
 
 from jax_repvideo.config import ConfigError
 from jax_repvideo.models.attention import attention
-from jax_repvideo.models.layers import LayerNorm, timestep_embedding
+from jax_repvideo.models.layers import LayerNorm, conv, linear, timestep_embedding
 from jax_repvideo.models.pos_embed_3d import video_pos_embed
 
 
@@ -137,7 +137,7 @@ class AdaLayerNormZero(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d = cfg.inner_dim
-        self.linear = nnx.Linear(cfg.time_embed_dim, 6 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = linear(cfg.time_embed_dim, 6 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = LayerNorm(d, eps=cfg.norm_eps, use_scale=cfg.norm_elementwise_affine,
                               use_bias=cfg.norm_elementwise_affine, param_dtype=param_dtype)
 
@@ -156,19 +156,21 @@ class JointAttention(nnx.Module):
         d, hd = cfg.inner_dim, cfg.attention_head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads, self.backend, self.chunk = cfg.num_attention_heads, backend, chunk
-        self.to_q = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
-        self.to_k = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
-        self.to_v = nnx.Linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_q = linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_k = linear(d, d, use_bias=cfg.attention_bias, **kw)
+        self.to_v = linear(d, d, use_bias=cfg.attention_bias, **kw)
         self.norm_q = LayerNorm(hd, eps=cfg.qk_norm_eps, param_dtype=param_dtype)
         self.norm_k = LayerNorm(hd, eps=cfg.qk_norm_eps, param_dtype=param_dtype)
-        self.to_out = nnx.Linear(d, d, **kw)
+        self.to_out = linear(d, d, **kw)
 
     def __call__(self, s: jax.Array) -> jax.Array:
         b, length, d = s.shape
         split = lambda t: t.reshape(b, length, self.heads, d // self.heads)  # noqa: E731
-        q = self.norm_q(split(self.to_q(s)))
-        k = self.norm_k(split(self.to_k(s)))
-        v = split(self.to_v(s))
+        # Linear results are float32 (layers.linear); attention itself runs in the compute dtype.
+        dtype = self.to_out.dtype
+        q = self.norm_q(split(self.to_q(s))).astype(dtype)
+        k = self.norm_k(split(self.to_k(s))).astype(dtype)
+        v = split(self.to_v(s)).astype(dtype)
         out = attention(q, k, v, backend=self.backend, q_chunk=self.chunk, kv_chunk=self.chunk)
         return self.to_out(out.reshape(b, length, d))
 
@@ -176,8 +178,8 @@ class JointAttention(nnx.Module):
 class FeedForward(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d = cfg.inner_dim
-        self.proj_in = nnx.Linear(d, 4 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj_out = nnx.Linear(4 * d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_in = linear(d, 4 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_out = linear(4 * d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
@@ -217,9 +219,8 @@ class PatchEmbed(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs, dtype, param_dtype):
         d, p = cfg.inner_dim, cfg.patch_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = nnx.Conv(cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                             use_bias=cfg.patch_bias, **kw)
-        self.text_proj = nnx.Linear(cfg.text_embed_dim, d, **kw)
+        self.proj = conv(cfg.in_channels, d, (p, p), stride=(p, p), padding="VALID", use_bias=cfg.patch_bias, **kw)
+        self.text_proj = linear(cfg.text_embed_dim, d, **kw)
 
     def __call__(self, latents, text):
         b, t, hgt, wid, ch = latents.shape
@@ -230,8 +231,8 @@ class PatchEmbed(nnx.Module):
 class TimestepEmbedding(nnx.Module):
     def __init__(self, in_dim: int, out_dim: int, *, rngs, dtype, param_dtype):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_1 = nnx.Linear(in_dim, out_dim, **kw)
-        self.linear_2 = nnx.Linear(out_dim, out_dim, **kw)
+        self.linear_1 = linear(in_dim, out_dim, **kw)
+        self.linear_2 = linear(out_dim, out_dim, **kw)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -242,7 +243,7 @@ class AdaLayerNorm(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs, dtype, param_dtype):
         d, affine = cfg.inner_dim, cfg.norm_elementwise_affine
-        self.linear = nnx.Linear(cfg.time_embed_dim, 2 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = linear(cfg.time_embed_dim, 2 * d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = LayerNorm(d, eps=cfg.out_norm_eps, use_scale=affine, use_bias=affine, param_dtype=param_dtype)
 
     def __call__(self, x, temb_video):
@@ -285,7 +286,7 @@ class CogVideoXDiT(nnx.Module):
         self.norm_final = LayerNorm(d, eps=cfg.norm_eps, use_scale=affine, use_bias=affine,
                                     param_dtype=param_dtype)
         self.norm_out = AdaLayerNorm(cfg, **kw)
-        self.proj_out = nnx.Linear(d, p * p * cfg.output_channels, **kw)
+        self.proj_out = linear(d, p * p * cfg.output_channels, **kw)
 
     # ------------------------------------------------------------------ checks (before any compile)
     def check_inputs(self, latents, timesteps, encoder_hidden_states) -> None:
@@ -321,14 +322,14 @@ class CogVideoXDiT(nnx.Module):
         text, video = self.patch_embed(latents.astype(dtype), encoder_hidden_states.astype(dtype))
         pos = video_pos_embed(frames, rows, cols, d, spatial_scale=cfg.spatial_interpolation_scale,
                               temporal_scale=cfg.temporal_interpolation_scale)
-        h = jnp.concatenate([text, video + pos.astype(dtype)], axis=1)
+        h = jnp.concatenate([text, video + pos], axis=1)
         embeddings = h
 
         h, layer_trace = self._run_blocks(h, temb, temb_text, text_len, return_trace)
 
         x = self.norm_final(h[:, text_len:]).reshape(b, frames, rows * cols, d)
         x = self.proj_out(self.norm_out(x, temb))  # (B, T, P, p·p·C_out)
-        out = self._unpatchify(x, rows, cols)
+        out = self._unpatchify(x, rows, cols).astype(latents.dtype)
         if not return_trace:
             return out
         trace = dict(time_proj=time_proj, temb=temb, temb_text=temb_text, embeddings=embeddings,

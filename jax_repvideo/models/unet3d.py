@@ -22,9 +22,9 @@ from flax import nnx
 
 from jax_repvideo import caches
 from jax_repvideo.caches import QCacheConfig
-from jax_repvideo.models.layers import GroupNorm, timestep_embedding
+from jax_repvideo.models.layers import GroupNorm, linear, timestep_embedding
 from jax_repvideo.models.unet_blocks import (Downsample, KeySource, ResBlock, SpatialTransformer, TemporalTransformer,
-                                             Upsample, _conv, _linear)
+                                             Upsample, _conv)
 
 
 @dataclass(frozen=True)
@@ -246,8 +246,8 @@ def frame_context(context: jax.Array, frames: int) -> jax.Array:
 
 class _EmbedMLP(nnx.Module):
     def __init__(self, cin, cout, *, dtype, param_dtype, rngs):
-        self.linear_1 = _linear(cin, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = _linear(cout, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = linear(cin, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(cout, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear_2(nnx.silu(self.linear_1(x)))

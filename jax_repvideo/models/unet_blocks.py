@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_repvideo.models.attention import attention
-from jax_repvideo.models.layers import GroupNorm, LayerNorm
+from jax_repvideo.models.layers import GroupNorm, LayerNorm, conv, linear
 
 
 class KeySource:
@@ -32,12 +32,7 @@ class KeySource:
 
 def _conv(cin, cout, kernel, *, stride=1, dtype, param_dtype, rngs):
     padding = tuple((k // 2, k // 2) for k in kernel)
-    return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
-
-
-def _linear(cin, cout, *, use_bias=True, dtype, param_dtype, rngs):
-    return nnx.Linear(cin, cout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return conv(cin, cout, kernel, stride=stride, padding=padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class TemporalConvBlock(nnx.Module):
@@ -68,7 +63,7 @@ class ResBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_norm = GroupNorm(32, channels, eps=1e-5, param_dtype=param_dtype)
         self.in_conv = _conv(channels, out_channels, (3, 3), **kw)
-        self.emb_proj = _linear(emb_channels, out_channels, **kw)
+        self.emb_proj = linear(emb_channels, out_channels, **kw)
         self.out_norm = GroupNorm(32, out_channels, eps=1e-5, param_dtype=param_dtype)
         self.out_conv = _conv(out_channels, out_channels, (3, 3), **kw)
         self.skip = _conv(channels, out_channels, (1, 1), **kw) if channels != out_channels else None
@@ -115,10 +110,10 @@ class Attention(nnx.Module):
         inner = heads * dim_head
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads, self.dim_head, self.backend = heads, dim_head, backend
-        self.to_q = _linear(query_dim, inner, use_bias=False, **kw)
-        self.to_k = _linear(context_dim, inner, use_bias=False, **kw)
-        self.to_v = _linear(context_dim, inner, use_bias=False, **kw)
-        self.to_out = _linear(inner, query_dim, **kw)
+        self.to_q = linear(query_dim, inner, use_bias=False, **kw)
+        self.to_k = linear(context_dim, inner, use_bias=False, **kw)
+        self.to_v = linear(context_dim, inner, use_bias=False, **kw)
+        self.to_out = linear(inner, query_dim, **kw)
         self.relative_length = relative_length
         if relative_length:
             shape = (2 * relative_length + 1, dim_head)
@@ -130,7 +125,8 @@ class Attention(nnx.Module):
         context = x if context is None else context
         q = self.to_q(x) if query is None else query
         split = lambda a: a.reshape(*a.shape[:-1], self.heads, self.dim_head)  # noqa: E731
-        q, k, v = split(q), split(self.to_k(context)), split(self.to_v(context))
+        # Linear results are float32 (layers.linear); attention itself runs in the compute dtype.
+        q, k, v = (split(a).astype(self.to_out.dtype) for a in (q, self.to_k(context), self.to_v(context)))
         if self.relative_length:
             out = self._relative(q, k, v, causal)
         else:
@@ -164,8 +160,8 @@ class FeedForward(nnx.Module):
 
     def __init__(self, dim: int, *, mult: int = 4, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj_in = _linear(dim, 2 * mult * dim, **kw)
-        self.proj_out = _linear(mult * dim, dim, **kw)
+        self.proj_in = linear(dim, 2 * mult * dim, **kw)
+        self.proj_out = linear(mult * dim, dim, **kw)
 
     def __call__(self, x):
         value, gate = jnp.split(self.proj_in(x), 2, axis=-1)
@@ -204,10 +200,10 @@ class SpatialTransformer(nnx.Module):
         inner = heads * dim_head
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = GroupNorm(32, channels, eps=1e-6, param_dtype=param_dtype)
-        self.proj_in = _linear(channels, inner, **kw)
+        self.proj_in = linear(channels, inner, **kw)
         self.transformer_blocks = nnx.List([
             TransformerBlock(inner, heads, dim_head, context_dim, backend=backend, **kw) for _ in range(depth)])
-        self.proj_out = _linear(inner, channels, **kw)
+        self.proj_out = linear(inner, channels, **kw)
 
     def __call__(self, x, context):  # x (N, H, W, C), context (N, L, D)
         n, hgt, wid, c = x.shape
@@ -231,11 +227,11 @@ class TemporalTransformer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.causal = causal
         self.norm = GroupNorm(32, channels, eps=1e-6, param_dtype=param_dtype)
-        self.proj_in = _linear(channels, inner, **kw)
+        self.proj_in = linear(channels, inner, **kw)
         self.transformer_blocks = nnx.List([
             TransformerBlock(inner, heads, dim_head, None, relative_length=relative_length,
                              backend=backend, **kw) for _ in range(depth)])
-        self.proj_out = _linear(inner, channels, **kw)
+        self.proj_out = linear(inner, channels, **kw)
 
     def __call__(self, x, *, q_source=None, v=None):  # x (B, T, H, W, C)
         b, t, hgt, wid, c = x.shape
