@@ -241,8 +241,12 @@ def run_chunk(denoise: Callable, plan: Plan, chunk: int, params, inputs: Inputs,
 
 @functools.lru_cache(maxsize=None)
 def compiled_chunk(denoise: Callable, plan: Plan, chunk: int) -> Callable:
-    """The jitted chunk for one denoiser and plan, shared by every sampler (one compile per shape)."""
-    return jax.jit(functools.partial(run_chunk, denoise, plan, chunk))
+    """The jitted chunk for one denoiser and plan, shared by every sampler (one compile per shape).
+
+    The state argument is donated: the new queue is written into the old one's buffer, and the
+    state passed in is deleted. Pass a copy to keep it.
+    """
+    return jax.jit(functools.partial(run_chunk, denoise, plan, chunk), donate_argnums=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -387,7 +391,7 @@ class FifoSampler:
         ``run`` again with the returned state resumes; with a larger ``num_frames`` it extends a finished run.
         On extension, slots already queued past the old end keep the prompt they entered with (the old
         schedule's last one); a single longer run matches exactly when its schedule keeps that prompt for
-        the first S new frames.
+        the first S new frames. The ``state`` passed in stays valid (the chunks donate a copy of it).
         """
         num_frames = self.config.new_video_length if num_frames is None else num_frames
         self._check_length(num_frames)
@@ -396,6 +400,7 @@ class FifoSampler:
         total = num_frames + plan.steps - plan.f
         fn = compiled_chunk(self.denoise, plan, size)
         done, chunks = int(state.iteration), 0
+        state = jax.tree.map(jnp.copy, state)
         while done < total and (max_chunks is None or chunks < max_chunks):
             chunk_noise = None if noise is None else noise.chunk(done, size)
             state, emitted = fn(self.params, inputs, state, chunk_noise, jnp.int32(total))

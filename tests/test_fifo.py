@@ -168,7 +168,7 @@ def test_scan_chunk_equals_python_loop(base):
     state = s.init(base, PROMPTS, UNCOND, (3, 3))
     inputs = s.inputs(PROMPTS, UNCOND, (3, 3), 6)
     chunk = fifo.compiled_chunk(toy, s.plan, CONFIG.chunk_size)
-    scanned, emitted = chunk(PARAMS, inputs, state, None, jnp.int32(100))
+    scanned, emitted = chunk(PARAMS, inputs, jax.tree.map(jnp.copy, state), None, jnp.int32(100))
 
     looped, heads = state, []
     for _ in range(CONFIG.chunk_size):
@@ -178,6 +178,17 @@ def test_scan_chunk_equals_python_loop(base):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
     np.testing.assert_allclose(emitted, np.stack(heads), rtol=1e-6, atol=1e-6 * float(np.abs(emitted).max()))
     assert int(scanned.iteration) == CONFIG.chunk_size
+
+
+def test_chunk_donates_its_state_but_run_keeps_the_callers(base):
+    s = sampler()
+    state = s.init(base, PROMPTS, UNCOND, (3, 3))
+    inputs = s.inputs(PROMPTS, UNCOND, (3, 3), 6)
+    donated = jax.tree.map(jnp.copy, state)
+    fifo.compiled_chunk(toy, s.plan, CONFIG.chunk_size)(PARAMS, inputs, donated, None, jnp.int32(100))
+    assert donated.queue.is_deleted()  # the new queue reused the old buffer
+    s.run(state, PROMPTS, UNCOND, (3, 3), max_chunks=1)
+    assert not state.queue.is_deleted() and int(state.iteration) == 0
 
 
 # ---- prompt schedule -----------------------------------------------------------------------------------
