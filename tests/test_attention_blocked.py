@@ -1,4 +1,4 @@
-"""The CPU ``blocked`` attention path equals the dense reference (odd lengths, query padding)."""
+"""The CPU ``blocked`` attention path equals the dense reference (odd lengths, query and head padding)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +8,18 @@ import pytest
 from jax_repvideo.models import attention as attn
 
 
-def test_blocked_equals_dense_with_padding():
+@pytest.mark.parametrize("block_bytes, q_chunk", [
+    (4 << 20, 16),  # query blocks of 16 rows (37 → 48 padded), all 6 heads in one step
+    (4 * 53 * 37 * 4, 1024),  # whole heads, 4 per step: 6 heads padded to 8
+])
+def test_blocked_equals_dense_with_padding(monkeypatch, block_bytes, q_chunk):
+    monkeypatch.setattr(attn, "BLOCK_BYTES", block_bytes)
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 37, 3, 8))
     k = jax.random.normal(kk, (2, 53, 3, 8))
     v = jax.random.normal(kv, (2, 53, 3, 8))
     dense = attn.attention(q, k, v, backend="xla")
-    blocked = attn.attention(q, k, v, backend="blocked", q_chunk=16)
+    blocked = attn.attention(q, k, v, backend="blocked", q_chunk=q_chunk)
     np.testing.assert_allclose(blocked, dense, rtol=1e-5, atol=1e-6)
 
 

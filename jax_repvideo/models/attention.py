@@ -6,9 +6,9 @@ layout) and returns ``(B, Lq, heads, head_dim)``. Backends:
 * ``xla``: einsum scores with a float32 softmax. The reference; materialises ``(B, H, Lq, Lk)``.
 * ``chunked``: online-softmax (flash-style) over query and key blocks in plain JAX; never holds
   more than one ``(B, H, q_chunk, kv_chunk)`` score block. Any platform.
-* ``blocked``: exact softmax one (batch·head, query block) at a time over all keys, in a sequential
-  ``lax.map``: the ``(q_chunk, Lk)`` score block stays in the CPU cache (1.5-2x faster than ``xla``
-  on CPU for ~600-4000 tokens; ``benchmarks/NOTES.md``). Any platform, no bias.
+* ``blocked``: exact softmax over all keys for a few whole heads (or one query block) at a time, in a
+  sequential ``lax.map``: the score block stays in the CPU cache (faster than ``xla`` on CPU for
+  ~600-4000 tokens; ``benchmarks/NOTES.md``). Any platform, no bias.
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; bf16/fp16 only.
 * ``auto``: cudnn on GPU for half precision, chunked for long sequences, blocked on CPU for
   mid-length ones, xla otherwise.
@@ -29,6 +29,8 @@ BACKENDS = ("auto", "xla", "chunked", "cudnn", "blocked")
 DENSE_MAX_TOKENS = 4096
 # On CPU, "auto" uses the blocked path from this many keys on (shorter ones fit the cache anyway).
 BLOCKED_MIN_TOKENS = 512
+# The blocked path's float32 score block per step (benchmarks/NOTES.md).
+BLOCK_BYTES = 4 << 20
 
 
 def attention(
@@ -63,7 +65,7 @@ def attention(
     if backend == "blocked":
         if bias is not None:
             raise ValueError("the blocked attention backend takes no bias; use backend='xla'")
-        return _blocked(q, k, v, scale, min(q_chunk, 256))
+        return _blocked(q, k, v, scale, q_chunk)
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError("the cudnn attention backend needs bf16/fp16 inputs; use 'xla' or 'chunked'")
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
@@ -92,26 +94,35 @@ def _dense(q, k, v, bias, scale):
 
 
 def _blocked(q, k, v, scale, q_chunk):
+    """Exact softmax over all keys for a few whole heads (or, for long keys, one query block) per step.
+
+    A step's ``(heads, rows, Lk)`` float32 score block is kept near ``BLOCK_BYTES``: small enough for
+    the CPU cache, large enough that the two matmuls are not tiny (2 heads × 664² at the cpu-medium size).
+    """
     batch, q_len, heads, dim = q.shape
-    q_chunk = min(q_chunk, q_len)
-    per_head = lambda x: x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], dim)  # noqa: E731
-    k, v = per_head(k), per_head(v)
-    q_blocks = _pad_to(per_head(q), q_chunk, 1).reshape(batch * heads, -1, q_chunk, dim)
+    k_len = k.shape[1]
+    rows = max(1, min(q_chunk, q_len, BLOCK_BYTES // (4 * k_len)))
+    group = max(1, min(batch * heads, BLOCK_BYTES // (4 * k_len * rows)))
+    per_head = lambda x: _pad_to(x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], dim), group, 0)  # noqa: E731
+    q_steps = _pad_to(per_head(q * jnp.asarray(scale, q.dtype)), rows, 1)
+    q_steps = q_steps.reshape(-1, group, q_steps.shape[1] // rows, rows, dim).swapaxes(1, 2)
+    k_groups, v_groups = (per_head(x).reshape(-1, group, k_len, dim) for x in (k, v))
 
-    def one_head(args):
-        q_head, k_head, v_head = args
+    def one_group(args):
+        q_group, k_group, v_group = args  # (n_rows, G, rows, D), (G, Lk, D), (G, Lk, D)
 
-        def one_block(q_block):  # (q_chunk, D) against every key of this head
-            scores = jnp.einsum("qd,kd->qk", q_block, k_head, preferred_element_type=jnp.float32) * scale
+        def one_block(q_block):  # (G, rows, D) against every key of these heads
+            scores = jnp.einsum("gqd,gkd->gqk", q_block, k_group, preferred_element_type=jnp.float32)
             probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-            out = jnp.einsum("qk,kd->qd", probs.astype(v_head.dtype), v_head, preferred_element_type=jnp.float32)
+            out = jnp.einsum("gqk,gkd->gqd", probs.astype(v_group.dtype), v_group,
+                             preferred_element_type=jnp.float32)
             return (out / probs.sum(axis=-1, keepdims=True)).astype(q.dtype)
 
-        return jax.lax.map(one_block, q_head)
+        return jax.lax.map(one_block, q_group)
 
-    out = jax.lax.map(one_head, (q_blocks, k, v))  # (B·H, nq, q_chunk, D)
-    out = out.reshape(batch, heads, -1, dim)[:, :, :q_len]
-    return out.transpose(0, 2, 1, 3)
+    out = jax.lax.map(one_group, (q_steps, k_groups, v_groups))  # (n_groups, n_rows, G, rows, D)
+    out = out.swapaxes(1, 2).reshape(-1, out.shape[1] * rows, dim)[:batch * heads, :q_len]
+    return out.reshape(batch, heads, q_len, dim).transpose(0, 2, 1, 3)
 
 
 def _pad_to(x: jax.Array, multiple: int, axis: int) -> jax.Array:
