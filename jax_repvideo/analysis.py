@@ -93,9 +93,7 @@ def _block_qk(model, trace: dict, layer: int, sample: int):
     h = trace["input_gated"][layer][sample:sample + 1]
     temb, temb_text = trace["temb"][sample:sample + 1], trace["temb_text"][sample:sample + 1]
     d = h.shape[-1]
-    c, x = h[:, :text_len], h[:, text_len:].reshape(1, temb.shape[1], -1, d)
-    x_mod, c_mod, _, _ = block.norm1(x, c, temb, temb_text)
-    s = jnp.concatenate([c_mod, x_mod.reshape(1, -1, d)], axis=1)
+    s, _ = block.norm1(h, temb, temb_text, text_len)
     attn = block.attn1
     split = lambda t: t.reshape(1, s.shape[1], attn.heads, d // attn.heads)  # noqa: E731
     return attn.norm_q(split(attn.to_q(s))), attn.norm_k(split(attn.to_k(s)))

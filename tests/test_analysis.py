@@ -50,9 +50,7 @@ def test_attention_map_reproduces_the_block_attention(tiny_dit):
     # probs @ V, through to_out, must equal the block's own attention output on the same input.
     block = analysis._block(model, layer)
     h, temb, temb_text = trace["input_gated"][layer], trace["temb"], trace["temb_text"]
-    c, x = h[:, :text_len], h[:, text_len:].reshape(1, 3, -1, h.shape[-1])
-    x_mod, c_mod, _, _ = block.norm1(x, c, temb, temb_text)
-    s = jnp.concatenate([c_mod, x_mod.reshape(1, -1, h.shape[-1])], axis=1)
+    s, _ = block.norm1(h, temb, temb_text, text_len)
     v = block.attn1.to_v(s).reshape(s.shape[1], 2, -1)
     ours = block.attn1.to_out(jnp.einsum("hqk,khd->qhd", probs, v).reshape(1, s.shape[1], -1))
     ref = block.attn1(s)
