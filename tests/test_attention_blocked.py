@@ -31,3 +31,13 @@ def test_blocked_rejects_bias_and_auto_picks_it_on_cpu_for_mid_length():
     expected = "blocked" if jax.default_backend() == "cpu" else "xla"
     assert attn._resolve("auto", mid, mid, None) == expected
     assert attn._resolve("auto", q, q, None) == "xla"
+
+
+def test_auto_picks_cudnn_on_gpu_for_long_half_precision_only(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    spatial = jnp.zeros((1, 2560, 5, 64), jnp.bfloat16)  # VC2 level-1 spatial attention (40×64 tokens)
+    temporal = jnp.zeros((1, 16, 5, 64), jnp.bfloat16)
+    assert attn._resolve("auto", spatial, spatial, None) == "cudnn"
+    assert attn._resolve("auto", temporal, temporal, None) == "xla"
+    assert attn._resolve("auto", spatial.astype(jnp.float32), spatial.astype(jnp.float32), None) == "xla"
+    assert attn._resolve("auto", spatial, spatial, jnp.zeros((1, 1, 2560, 2560))) == "xla"

@@ -10,8 +10,8 @@ layout) and returns ``(B, Lq, heads, head_dim)``. Backends:
   sequential ``lax.map``: the score block stays in the CPU cache (faster than ``xla`` on CPU for
   ~600-4000 tokens; ``benchmarks/NOTES.md``). Any platform, no bias.
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``; bf16/fp16 only.
-* ``auto``: cudnn on GPU for half precision, chunked for long sequences, blocked on CPU for
-  mid-length ones, xla otherwise.
+* ``auto``: cudnn on GPU for half precision from 256 keys on, chunked for long sequences otherwise,
+  blocked on CPU for mid-length ones, xla otherwise (short ones such as 16-frame temporal attention).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ BACKENDS = ("auto", "xla", "chunked", "cudnn", "blocked")
 DENSE_MAX_TOKENS = 4096
 # On CPU, "auto" uses the blocked path from this many keys on (shorter ones fit the cache anyway).
 BLOCKED_MIN_TOKENS = 512
+# On GPU, "auto" uses cuDNN flash attention (half precision) from this many keys on: the DiT's joint
+# attention and the U-Net's spatial attention; the U-Net's 16-frame temporal attention stays xla.
+CUDNN_MIN_TOKENS = 256
 # The blocked path's float32 score block per step (benchmarks/NOTES.md).
 BLOCK_BYTES = 4 << 20
 
@@ -76,7 +79,8 @@ def _resolve(backend: str, q: jax.Array, k: jax.Array, bias: jax.Array | None) -
         return backend
     long = max(q.shape[1], k.shape[1]) > DENSE_MAX_TOKENS
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if long and half and bias is None and jax.default_backend() == "gpu" and q.shape[-1] % 8 == 0:
+    fused_ok = half and bias is None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+    if fused_ok and jax.default_backend() == "gpu" and k.shape[1] >= CUDNN_MIN_TOKENS:
         return "cudnn"
     if long and bias is None:
         return "chunked"
