@@ -9,6 +9,9 @@ output difference (a wiring check, not a parity test), XLA's FLOP count, compile
 
     python benchmarks/compare_diffusers.py --preset cpu-medium   # dev box, float32, ~2 minutes
     python benchmarks/compare_diffusers.py --preset gpu-2b       # full 2B, 13x60x90 latents, CFG batch 2, bf16
+
+For a one-core comparison pin the whole process (``taskset -c 0 ... --threads 1``): XLA:CPU ignores
+``--xla_cpu_multi_thread_eigen=false`` for its matmuls (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
