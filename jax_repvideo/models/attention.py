@@ -107,7 +107,10 @@ def _blocked(q, k, v, scale, q_chunk):
     k_len = k.shape[1]
     rows = max(1, min(q_chunk, q_len, BLOCK_BYTES // (4 * k_len)))
     group = max(1, min(batch * heads, BLOCK_BYTES // (4 * k_len * rows)))
-    per_head = lambda x: _pad_to(x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], dim), group, 0)  # noqa: E731
+
+    def per_head(x):  # (B, L, H, D) → (B·H padded to a multiple of group, L, D)
+        return _pad_to(x.transpose(0, 2, 1, 3).reshape(batch * heads, x.shape[1], dim), group, 0)
+
     q_steps = _pad_to(per_head(q * jnp.asarray(scale, q.dtype)), rows, 1)
     q_steps = q_steps.reshape(-1, group, q_steps.shape[1] // rows, rows, dim).swapaxes(1, 2)
     k_groups, v_groups = (per_head(x).reshape(-1, group, k_len, dim) for x in (k, v))
