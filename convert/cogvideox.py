@@ -171,7 +171,8 @@ def load_diffusers(src: str | Path) -> tuple[DiTConfig, dict[str, np.ndarray]]:
 
 
 def model_from_params(cfg: DiTConfig, flat: Mapping[str, np.ndarray], **kwargs) -> CogVideoXDiT:
-    """A concrete ``CogVideoXDiT`` holding ``flat`` (dotted path → array) as its params."""
+    """A concrete ``CogVideoXDiT`` holding ``flat`` (dotted path → array, blocks stacked along a
+    leading layer axis, as converted) as its params; ``scan_layers=False`` takes one slice per block."""
     graphdef, state = nnx.split(abstract_model(cfg, **kwargs))
     pure = nnx.to_pure_dict(state)
     nnx.replace_by_pure_dict(state, _fill(pure, flat, ""))
@@ -181,7 +182,11 @@ def model_from_params(cfg: DiTConfig, flat: Mapping[str, np.ndarray], **kwargs) 
 def _fill(tree, flat, prefix):
     if isinstance(tree, Mapping):
         return {k: _fill(v, flat, f"{prefix}{k}.") for k, v in tree.items()}
-    return jnp.asarray(flat[prefix[:-1]], tree.dtype)
+    path = prefix[:-1]
+    if path not in flat and path.startswith("blocks."):  # per-block layout: "blocks.<i>.<rest>"
+        _, layer, rest = path.split(".", 2)
+        return jnp.asarray(flat[f"blocks.{rest}"][int(layer)], tree.dtype)
+    return jnp.asarray(flat[path], tree.dtype)
 
 
 def main(src: str, dst: str) -> None:

@@ -83,6 +83,8 @@ def dit_video_features(trace: dict, text_len: int, frames: int, sample: int = 0)
 
 
 def _block(model, layer: int):
+    if not model.scan_layers:
+        return model.blocks[layer]
     graphdef, state = nnx.split(model.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
 

@@ -262,7 +262,11 @@ class CogVideoXDiT(nnx.Module):
     ``model(latents (B,T,H,W,C), timesteps (B,T) or (B,), encoder_hidden_states (B,L,D_text))`` →
     ``(B, T, H, W, C_out)``; with ``return_trace=True`` also a dict of per-block hidden states.
     ``attention_backend`` goes to ``models.attention`` ("auto" never builds the dense score matrix
-    for long sequences); ``scan_layers=False`` runs the same stacked params in a Python loop.
+    for long sequences). ``scan_layers=True`` stacks the blocks' params along a leading layer axis and
+    runs them in a ``lax.scan`` (one compiled block; the layout of checkpoints and pipelines).
+    ``scan_layers=False`` keeps one param set per block and unrolls the loop: longer compiles for deep
+    models, but no per-layer weight slice is copied out of the stack (≈9% faster on CPU;
+    benchmarks/NOTES.md). ``convert.cogvideox.model_from_params`` fills either layout.
     """
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -284,7 +288,12 @@ class CogVideoXDiT(nnx.Module):
             return DiTBlock(cfg, rngs=block_rngs, dtype=dtype, param_dtype=param_dtype,
                             backend=attention_backend, chunk=attention_chunk)
 
-        self.blocks = make_blocks(rngs)
+        if scan_layers:
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                             backend=attention_backend, chunk=attention_chunk)
+                                    for _ in range(cfg.num_layers)])
         self.gates = nnx.Param(jnp.full((cfg.num_layers,), 0.5, param_dtype)) if cfg.repvideo else None
         affine = cfg.norm_elementwise_affine
         self.norm_final = LayerNorm(d, eps=cfg.norm_eps, use_scale=affine, use_bias=affine,
@@ -349,9 +358,11 @@ class CogVideoXDiT(nnx.Module):
     def _run_blocks(self, h, temb, temb_text, text_len: int, return_trace: bool):
         """The layer loop; the carry is ``(h, window_sum, window_count)`` (the last two only for RepVideo)."""
         cfg = self.config
-        graphdef, params = nnx.split(self.blocks)
+        if self.scan_layers:
+            graphdef, params = nnx.split(self.blocks)
+        else:
+            graphdef, params = nnx.graphdef(self.blocks[0]), [nnx.state(block) for block in self.blocks]
         gates = (self.gates[...] if cfg.repvideo else jnp.zeros((cfg.num_layers,))).astype(h.dtype)
-        xs = (params, gates, jnp.arange(cfg.num_layers))
 
         def step(carry, layer):
             h, window_sum, window_count = carry
@@ -373,11 +384,11 @@ class CogVideoXDiT(nnx.Module):
         if self.remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
         if self.scan_layers:
-            (h, _, _), trace = jax.lax.scan(step, carry, xs)
+            (h, _, _), trace = jax.lax.scan(step, carry, (params, gates, jnp.arange(cfg.num_layers)))
         else:
             traces = []
             for i in range(cfg.num_layers):
-                carry, layer_trace = step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+                carry, layer_trace = step(carry, (params[i], gates[i], jnp.asarray(i)))
                 traces.append(layer_trace)
             h = carry[0]
             trace = jax.tree.map(lambda *a: jnp.stack(a), *traces) if return_trace else None
