@@ -180,12 +180,17 @@ def test_scan_chunk_equals_python_loop(base):
     assert int(scanned.iteration) == CONFIG.chunk_size
 
 
-def test_chunk_donates_its_state_but_run_keeps_the_callers(base):
+def test_chunk_donates_its_state_has_no_host_sync_but_run_keeps_the_callers(base):
     s = sampler()
     state = s.init(base, PROMPTS, UNCOND, (3, 3))
     inputs = s.inputs(PROMPTS, UNCOND, (3, 3), 6)
     donated = jax.tree.map(jnp.copy, state)
-    fifo.compiled_chunk(toy, s.plan, CONFIG.chunk_size)(PARAMS, inputs, donated, None, jnp.int32(100))
+    chunk = fifo.compiled_chunk(toy, s.plan, CONFIG.chunk_size)
+    args = (PARAMS, inputs, donated, None, jnp.int32(100))
+    hlo = chunk.lower(*args).as_text()
+    assert "callback" not in hlo and "feed" not in hlo  # no host round trip inside the chunk
+    with jax.transfer_guard("disallow"):  # nor an implicit host<->device copy around it
+        jax.block_until_ready(chunk(*args))
     assert donated.queue.is_deleted()  # the new queue reused the old buffer
     s.run(state, PROMPTS, UNCOND, (3, 3), max_chunks=1)
     assert not state.queue.is_deleted() and int(state.iteration) == 0
