@@ -265,8 +265,8 @@ class CogVideoXDiT(nnx.Module):
     for long sequences). ``scan_layers=True`` stacks the blocks' params along a leading layer axis and
     runs them in a ``lax.scan`` (one compiled block; the layout of checkpoints and pipelines).
     ``scan_layers=False`` keeps one param set per block and unrolls the loop: longer compiles for deep
-    models, but no per-layer weight slice is copied out of the stack (≈9% faster on CPU;
-    benchmarks/NOTES.md). ``convert.cogvideox.model_from_params`` fills either layout.
+    models, but no per-layer weight slice is copied out of the stack (1–9% faster on CPU,
+    depending on load; benchmarks/NOTES.md). ``convert.cogvideox.model_from_params`` fills either layout.
     """
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -282,18 +282,19 @@ class CogVideoXDiT(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, **kw)
         self.time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(block_rngs):
+        def new_block(block_rngs):
             return DiTBlock(cfg, rngs=block_rngs, dtype=dtype, param_dtype=param_dtype,
                             backend=attention_backend, chunk=attention_chunk)
 
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(block_rngs):
+            return new_block(block_rngs)
+
         if scan_layers:
-            self.blocks = make_blocks(rngs)
+            self.blocks = stacked_blocks(rngs)
         else:
-            self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                             backend=attention_backend, chunk=attention_chunk)
-                                    for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([new_block(rngs) for _ in range(cfg.num_layers)])
         self.gates = nnx.Param(jnp.full((cfg.num_layers,), 0.5, param_dtype)) if cfg.repvideo else None
         affine = cfg.norm_elementwise_affine
         self.norm_final = LayerNorm(d, eps=cfg.norm_eps, use_scale=affine, use_bias=affine,
