@@ -32,14 +32,19 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 
 def save(directory: str | Path, params: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-    """Writes flat dotted ``params`` and the JSON ``config`` into ``directory``."""
+    """Writes flat dotted host ``params`` and the JSON ``config`` into ``directory``.
+
+    Under several processes every one must call it with the same params (orbax's save is collective);
+    only process 0 writes.
+    """
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     tree = _string_keys(nest({k: np.asarray(v) for k, v in params.items()}))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, tree, force=True)
     checkpointer.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if jax.process_index() == 0:
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
 

@@ -30,8 +30,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from jax_repvideo.training.config import DataConfig, DataError
@@ -325,10 +327,22 @@ class RepvideoClips(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data: DataConfig, cache_dir: str | Path, encoder: Encoder | None = None) -> RepvideoClips:
-    """Builds (or reuses) the ``repvideo_clips`` dataset for ``data`` under ``cache_dir``."""
-    builder = RepvideoClips(data=data, encoder=encoder, data_dir=str(Path(data.cache_dir or cache_dir).absolute()))
-    builder.download_and_prepare()
-    return builder
+    """Builds (or reuses) the ``repvideo_clips`` dataset for ``data`` under ``cache_dir``.
+
+    Under several processes the first one builds it while the others wait; they then read its copy
+    (a shared filesystem) or build their own (local disks). Building it concurrently in one shared
+    directory would race on tfds' final rename.
+    """
+    def build() -> RepvideoClips:
+        builder = RepvideoClips(data=data, encoder=encoder, data_dir=str(Path(data.cache_dir or cache_dir).absolute()))
+        builder.download_and_prepare()
+        return builder
+
+    if jax.process_count() == 1:
+        return build()
+    first = build() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("repvideo_clips prepared")
+    return first or build()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jax_repvideo import checkpoint, sharding
 from jax_repvideo.config import ConfigError, from_dict, load, load_yaml, to_dict
@@ -98,15 +99,16 @@ def checkpoint_manager(cfg: TrainConfig) -> ocp.CheckpointManager:
 
 
 def save_state(manager, step: int, params, opt_state, iterator, force: bool = False) -> None:
-    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)}
+    # The step is a host scalar: a jax scalar would live on one device, which orbax refuses across hosts.
+    state = {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int32)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                data=ocp.args.JsonSave(iterator.state())), force=force)
 
 
 def restore_state(manager, params, opt_state):
     step = manager.latest_step()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"params": params, "opt_state": opt_state, "step": jnp.asarray(0, jnp.int32)})
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+    target["step"] = np.asarray(0, np.int32)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              data=ocp.args.JsonRestore()))
     state = restored["state"]
@@ -120,8 +122,26 @@ def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array], en
     out) and ``tokenizer/spiece.model``."""
     folder = Path(cfg.out_dir).absolute() / "export"
     kind = CHECKPOINT_KIND if dit.repvideo else "cogvideox"
-    checkpoint.save(folder / "transformer", {p: np.asarray(v) for p, v in params.items()},
-                    {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
+    primary = sharding.is_primary()
+    # Every process runs this: gathering the (possibly cross-host sharded) params is collective, and
+    # so is orbax's save inside checkpoint.save (it writes once). Plain file operations: primary only.
+    host_params = {p: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for p, v in params.items()}
+    checkpoint.save(folder / "transformer", host_params, {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
+    for part, enc, model, kind in (("vae", cfg.vae, "vae", "cogvideox-vae"), ("text_encoder", cfg.text, "t5", "t5")):
+        target = folder / part
+        if primary and (target.is_symlink() or target.is_file()):
+            target.unlink()
+        if enc.checkpoint:
+            if primary:
+                target.symlink_to(Path(enc.checkpoint).absolute(), target_is_directory=True)
+        elif encoder is not None:
+            module = getattr(encoder, model)
+            checkpoint.save(target, flat_params(module), {"kind": kind, "model": to_dict(module.config)})
+    if cfg.tokenizer and primary:
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(cfg.tokenizer, folder / "tokenizer" / "spiece.model")
+    return folder
+    checkpoint.save(folder / "transformer", host_params, {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
     for part, enc, model, kind in (("vae", cfg.vae, "vae", "cogvideox-vae"), ("text_encoder", cfg.text, "t5", "t5")):
         target = folder / part
         if target.is_symlink() or target.is_file():
@@ -161,6 +181,15 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     out = Path(cfg.out_dir)
     data_cfg = cfg.data_config
     dit, saved = model_config(cfg)
+    # First, before anything touches JAX: several processes must start multi-host JAX before any
+    # array exists (the encoders below build models).
+    layout = sharding.setup(cfg.mesh) if cfg.mesh is not None else None
+    if layout is not None:
+        sharding.check_model(dit, cfg.mesh)
+        try:  # fail before any compile when the global batch does not split over the batch axes
+            layout.sharding(("batch",), (data_cfg.batch_size,))
+        except ValueError as err:
+            raise ConfigError(f"data.batch_size {data_cfg.batch_size} and the mesh: {err}") from None
     if encoder is None:
         from jax_repvideo.training.encoders import build_encoder
 
@@ -169,14 +198,6 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     source = builder.as_data_source()["train"]
     iterator = data_lib.BatchIterator(source, data_cfg.batch_size, data_cfg.shuffle_seed,
                                       jax.process_index(), jax.process_count())
-
-    layout = sharding.setup(cfg.mesh) if cfg.mesh is not None else None
-    if layout is not None:
-        sharding.check_model(dit, cfg.mesh)
-        try:  # fail before any compile when the global batch does not split over the batch axes
-            layout.sharding(("batch",), (data_cfg.batch_size,))
-        except ValueError as err:
-            raise ConfigError(f"data.batch_size {data_cfg.batch_size} and the mesh: {err}") from None
     model = build_model(cfg, dit, saved)
     if layout is not None:
         model = layout.place_model(model)  # params split by the layout's parameter rules
@@ -186,6 +207,8 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     labels = param_labels(params, cfg.trainable, cfg.gate_pattern)
     spec = StepSpec(cfg.optim, tuple(sorted(labels.items())), cfg.steps, cfg.text_dropout)
     opt_state = jax.jit(make_optimizer(spec).init)(params)  # moments inherit the params' placement
+    if layout is not None:
+        opt_state = _onto_mesh(opt_state, layout)
 
     manager = checkpoint_manager(cfg)
     start = 0
@@ -236,6 +259,18 @@ def train(cfg: TrainConfig, *, encoder=None, stop_after: int | None = None) -> d
     if end == cfg.steps:
         result["export"] = export(cfg, dit, params, encoder)
     return result
+
+
+def _onto_mesh(tree, layout: sharding.Layout):
+    """Leaves that live on one device only (the optimizer's step counts) replicated over the mesh: a
+    checkpoint restores each leaf onto its target's devices, and under several processes one host's
+    device is not a placement the train step accepts."""
+    mesh_devices = set(layout.mesh.devices.flat)
+
+    def place(x):
+        return x if x.sharding.device_set == mesh_devices else layout.put(np.asarray(x), (None,) * x.ndim)
+
+    return jax.tree.map(place, tree)
 
 
 def _global_batch(local: np.ndarray, layout) -> jax.Array:
