@@ -426,12 +426,15 @@ def _compiled_base(denoise: Callable, guidance) -> Callable:
 
 
 def save_state(directory: str | Path, state: FifoState) -> Path:
-    """Writes the state with orbax (``directory`` is created or overwritten)."""
+    """Writes the state with orbax (``directory`` is created or overwritten). Under several processes
+    every one calls it (gathering the state and orbax's save are collective); process 0 writes."""
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
 
     directory = Path(directory).absolute()
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, {k: np.asarray(v) for k, v in state._asdict().items()}, force=True)
+    host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in state._asdict().items()}
+    checkpointer.save(directory, host, force=True)
     checkpointer.wait_until_finished()
     return directory
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from jax_repvideo import fifo
@@ -45,10 +46,15 @@ class RunStore:
         return state, latents
 
     def save(self, state: fifo.FifoState, latents: np.ndarray) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.directory / RUN, json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        """Every process calls it (the orbax state save is collective); only process 0 writes files."""
+        primary = jax.process_index() == 0
+        if primary:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.directory / RUN, json.dumps(self.fingerprint, indent=1, sort_keys=True))
         name = f"state-{int(state.iteration)}"
         fifo.save_state(self.directory / name, state)
+        if not primary:
+            return
         tmp = self.directory / f".{LATENTS}.tmp.npy"
         np.save(tmp, latents)
         os.replace(tmp, self.directory / LATENTS)

@@ -1,7 +1,9 @@
-"""Scale-out: mesh errors in-process; 8 emulated CPU devices vs 1 device in a subprocess.
+"""Scale-out: mesh errors in-process; 8 emulated CPU devices vs 1 device in a subprocess; ``generate``
+as a two-host job.
 
 The subprocess is this file run as a script with ``--xla_force_host_platform_device_count=8`` set
-before jax is imported. It runs every 8-device check once and prints one JSON line of results.
+before jax is imported. It runs every 8-device check once and prints one JSON line of results. The
+two-host job is two processes of 4 CPU devices each (``two_hosts.run_on_two_hosts``).
 """
 
 from __future__ import annotations
@@ -224,7 +226,6 @@ def run_checks(tmp: Path) -> dict:
     results.update(_check_unet(data8, *unet))
     results.update(_check_fifo(data8, *unet))
     results.update(_check_dit(sharding.setup(sharding.MeshConfig(data=2, context=2, tensor=2))))
-    results.update(_check_generate(tmp))
     return results
 
 
@@ -233,18 +234,10 @@ GENERATE_ARGS = ["configs/tiny_fifo.yaml", "fifo.video_length=4", "fifo.num_part
                  "height=32", "width=32", "num_frames=4"]
 
 
-def _check_generate(tmp: Path) -> dict:
-    from jax_repvideo import cli
-
-    latents = tmp / "generate8.npz"
-    code = cli.main(["generate", *GENERATE_ARGS, "mesh.data=8", f"out={tmp / 'generate8.mp4'}",
-                     f"save_latents={latents}"])
-    return {"generate_code": code, "generate_latents": str(latents)}
-
-
 # ----------------------------------------------------------------------------- pytest side
 
 import pytest  # noqa: E402
+from two_hosts import run_on_two_hosts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +284,22 @@ def test_checkpoint_restores_into_shardings(eight_devices):
 # in-process checks on the 1 CPU device
 
 
-def test_generate_with_data_8_matches_one_device(eight_devices, tmp_path):
+def test_generate_on_two_hosts_matches_one_device(tmp_path):
+    """``generate`` as a two-host job (2 processes × 4 CPU devices, mesh.data=8, a state_dir): process 0
+    alone writes the video and the latents, the FIFO state is saved collectively, and the latents match
+    one device."""
     import numpy as np
 
     from jax_repvideo import cli
 
-    assert eight_devices["generate_code"] == 0
+    state_dir, latents = tmp_path / "state", tmp_path / "generate8.npz"
+    run_on_two_hosts(["-m", "jax_repvideo.cli", "generate", *GENERATE_ARGS, "mesh.data=8", f"state_dir={state_dir}",
+                      f"out={tmp_path / 'generate8.mp4'}", f"save_latents={latents}"], tmp_path / "logs",
+                     devices_each=4)
+    assert (state_dir / "latest.json").is_file() and (tmp_path / "generate8.mp4").is_file()
     one = tmp_path / "generate1.npz"
     assert cli.main(["generate", *GENERATE_ARGS, f"out={tmp_path / 'g1.mp4'}", f"save_latents={one}"]) == 0
-    ours = np.load(eight_devices["generate_latents"])["latents"]
-    assert _rel(ours, np.load(one)["latents"]) <= 1e-5
+    assert _rel(np.load(latents)["latents"], np.load(one)["latents"]) <= 1e-5
 
 
 def test_mesh_must_match_device_count():

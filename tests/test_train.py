@@ -7,7 +7,6 @@ run; gates-only training compiles a second one.
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from two_hosts import run_on_two_hosts
 
 from jax_repvideo import checkpoint, cli
 from jax_repvideo.config import ConfigError, from_dict, to_dict
@@ -178,38 +178,21 @@ def test_sharded_on_4_cpu_devices_matches_one_device(setup):
         assert abs(ours["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (ours, ref)
 
 
-def run_two_processes(args, logs: Path, **env) -> list[str]:
-    """The same command on two local processes of 2 CPU devices each (gloo collectives): a two-host job."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    common = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                  JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **env)
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(2):  # output to files: a full pipe would stall a process the other waits for
-        out, err = (open(logs / f"{i}.{kind}", "w") for kind in ("out", "err"))
-        procs.append(subprocess.Popen([sys.executable, "-c", SHARDED_RUN, str(TINY), *args], stdout=out, stderr=err,
-                                      env={**common, "JAX_PROCESS_ID": str(i)}, cwd=Path(__file__).parent.parent))
-    for i, proc in enumerate(procs):
-        assert proc.wait(timeout=600) == 0, (logs / f"{i}.err").read_text()[-3000:]
-    return [(logs / f"{i}.out").read_text() for i in range(2)]
-
-
 def test_two_processes_match_one_device_and_resume(setup):
     """Two hosts (processes) × 2 CPU devices, fsdp=2 × tensor=2: the first two steps match the 1-device
     run; the checkpoint, metrics and export are written once; a second launch resumes from the checkpoint."""
     root, straight = setup
     args = overrides(root, "two_hosts", progress=False, steps=3, save_every=2, **{"mesh.fsdp": 2, "mesh.tensor": 2})
-    outputs = run_two_processes(args, root / "two_hosts_logs" / "first", STOP_AFTER="2")
+    outputs = run_on_two_hosts(["-c", SHARDED_RUN, str(TINY), *args], root / "two_hosts_logs" / "first",
+                               STOP_AFTER="2")
     for out in outputs:  # every process computes the same global metrics
         history = json.loads(out.split("RESULT ", 1)[1])
         for ours, ref in zip(history, straight["history"][:2], strict=True):
             assert abs(ours["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (ours, ref)
             assert abs(ours["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (ours, ref)
 
-    outputs = run_two_processes(args, root / "two_hosts_logs" / "resumed", STOP_AFTER="0")
+    outputs = run_on_two_hosts(["-c", SHARDED_RUN, str(TINY), *args], root / "two_hosts_logs" / "resumed",
+                               STOP_AFTER="0")
     assert all("at step 2" in out and json.loads(out.split("RESULT ", 1)[1])[0]["step"] == 3 for out in outputs)
     run = root / "two_hosts"
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
