@@ -41,8 +41,10 @@ def _spec(array) -> list:
 
 
 def _check_restore(layout, model, tmp: Path) -> dict:
-    """A converted checkpoint restores straight into the sharded abstract model."""
+    """A converted checkpoint restores straight into the sharded abstract model, and that model
+    (weights over fsdp, frames over data) decodes as one device does."""
     import jax
+    import numpy as np
     from flax import nnx
 
     from jax_repvideo import checkpoint
@@ -56,7 +58,13 @@ def _check_restore(layout, model, tmp: Path) -> dict:
     kernel = restored.decoder.conv_in.kernel.get_value() if hasattr(restored.decoder, "conv_in") else None
     errors = jax.tree.map(lambda a, b: _rel(a, b), nnx.state(restored, nnx.Param), nnx.state(model, nnx.Param))
     leaves = jax.tree.leaves(nnx.state(restored, nnx.Param))
+    z = np.random.RandomState(0).randn(8, 8, 8, cfg.embed_dim).astype(np.float32)
+    graphdef, state = nnx.split(restored)
+    decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode_latents(z))
+    with layout.activate():
+        out = decode(state, layout.put(z, ("frames", None, None, None)))
     return {
+        "restore_forward_error": _rel(out, decode(_host(nnx.state(model)), z)),
         "restore_error": max(jax.tree.leaves(errors)),
         "restore_sharded_leaves": sum(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
                                       for a in leaves),
@@ -277,6 +285,7 @@ def test_vae_decode_frames_on_data(eight_devices):
 
 def test_checkpoint_restores_into_shardings(eight_devices):
     assert eight_devices["restore_error"] == 0.0
+    assert eight_devices["restore_forward_error"] <= 1e-5
     assert eight_devices["restore_sharded_leaves"] > 0
     assert eight_devices["restore_kernel_spec"][-2] == "fsdp"  # conv input channels over fsdp
 
