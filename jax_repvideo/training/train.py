@@ -141,20 +141,6 @@ def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array], en
         (folder / "tokenizer").mkdir(exist_ok=True)
         shutil.copyfile(cfg.tokenizer, folder / "tokenizer" / "spiece.model")
     return folder
-    checkpoint.save(folder / "transformer", host_params, {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
-    for part, enc, model, kind in (("vae", cfg.vae, "vae", "cogvideox-vae"), ("text_encoder", cfg.text, "t5", "t5")):
-        target = folder / part
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        if enc.checkpoint:
-            target.symlink_to(Path(enc.checkpoint).absolute(), target_is_directory=True)
-        elif encoder is not None:
-            module = getattr(encoder, model)
-            checkpoint.save(target, flat_params(module), {"kind": kind, "model": to_dict(module.config)})
-    if cfg.tokenizer:
-        (folder / "tokenizer").mkdir(exist_ok=True)
-        shutil.copyfile(cfg.tokenizer, folder / "tokenizer" / "spiece.model")
-    return folder
 
 
 # ----------------------------------------------------------------------------- loop
