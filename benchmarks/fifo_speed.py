@@ -6,6 +6,11 @@ emits one frame (the official code makes 16 separate calls per frame). ``--tiny`
 tiny U-Net on small latents as a CPU smoke test. Not part of CI.
 
     python benchmarks/fifo_speed.py [--tiny] [--chunks 3] [--chunk-size 4]
+    python benchmarks/fifo_speed.py [--tiny] --serial [--repeats 5]
+
+``--serial`` times one iteration's model work two ways on the same inputs, alternately: ours, ONE call of
+every window × CFG branch, and the official loop's structure, one call per window and branch (16 at full
+size), each a jitted call dispatched from Python. It checks that both give the same output.
 
 The chunk (a ``lax.scan`` of ``chunk_size`` iterations) is compiled ahead of time, so compile time is
 reported apart from run time. XLA's cost analysis counts a scan body once, so the chunk's FLOP count
@@ -15,6 +20,7 @@ is that of ONE iteration (one batched U-Net call plus the DDIM update) and MFU i
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,18 +67,79 @@ def sampler_for(tiny: bool, chunk_size: int, dtype):
     return sampler, sampler.init(base, prompts, uncond), prompts, uncond
 
 
+def model_call_inputs(sampler, inputs, state):
+    """The (latents, timesteps, cond) of one iteration's batched model call: every window × CFG branch."""
+    captured = {}
+
+    def capture(params, latents, timesteps, cond):
+        captured.update(latents=latents, timesteps=timesteps, cond=cond)
+        return latents
+
+    @jax.jit
+    def batch(params, inputs, state):
+        positions = sampler.plan.window_positions
+        fifo.denoise_windows(capture, sampler.plan, params, inputs, state.queue[positions],
+                             state.indices[positions], state.prompts[positions])
+        return captured["latents"], captured["timesteps"], captured["cond"]
+
+    return batch(sampler.params, inputs, state)
+
+
+def serial_vs_batched(sampler, inputs, state, repeats: int) -> None:
+    latents, timesteps, cond = model_call_inputs(sampler, inputs, state)
+    calls = latents.shape[0]
+    denoise = jax.jit(sampler.denoise)
+    singles = [(latents[i:i + 1], timesteps[i:i + 1], jax.tree.map(lambda a, i=i: a[i:i + 1], cond))
+               for i in range(calls)]
+
+    def batched():
+        return jax.block_until_ready(denoise(sampler.params, latents, timesteps, cond))
+
+    def serial():  # dispatched one after another, as a Python loop over windows and branches does
+        return jax.block_until_ready([denoise(sampler.params, *one) for one in singles])
+
+    start = time.perf_counter()
+    reference, pieces = batched(), serial()  # compiles: batch `calls`, then batch 1
+    compile_s = time.perf_counter() - start
+    diff = float(jnp.abs(jnp.concatenate(pieces) - reference).max() / jnp.abs(reference).max())
+    times = {"batched": [], "serial": []}
+    for _ in range(repeats):
+        for name, fn in (("batched", batched), ("serial", serial)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    one, many = statistics.median(times["batched"]), statistics.median(times["serial"])
+    device = jax.devices()[0]
+    print(f"device        {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"dtype {latents.dtype.name}")
+    print(f"model work    one output frame = {calls} windows x CFG branches of {latents.shape[1]} frames, "
+          f"latent {tuple(latents.shape[2:])}")
+    print(f"compile       {compile_s:.1f} s (both forms)")
+    print(f"batched       {one:.3f} s (1 call; median of {repeats}: {', '.join(f'{t:.3f}' for t in times['batched'])})")
+    print(f"serial        {many:.3f} s ({calls} calls; median of {repeats}: "
+          f"{', '.join(f'{t:.3f}' for t in times['serial'])})")
+    print(f"ratio         {many / one:.2f}x (serial / batched; >1 = one batched call is faster)")
+    print(f"output diff   {diff:.2e} max|serial-batched|/max|batched|")
+    print(load_average())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net, small latents (CPU smoke test)")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks after the compile chunk")
     parser.add_argument("--chunk-size", type=int, default=4)
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 full size, f32 tiny)")
+    parser.add_argument("--serial", action="store_true", help="one batched model call vs the official serial calls")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated rounds of --serial")
     args = parser.parse_args()
     compilation_cache.enable()  # only when JAX_REPVIDEO_COMPILATION_CACHE is set
     dtype = jnp.dtype(args.dtype or ("float32" if args.tiny else "bfloat16"))
     sampler, state, prompts, uncond = sampler_for(args.tiny, args.chunk_size, dtype)
     plan = sampler.plan
     inputs = sampler.inputs(prompts, uncond, None, sampler.config.new_video_length)
+    if args.serial:
+        serial_vs_batched(sampler, inputs, state, args.repeats)
+        return
     stop = jnp.int32(2**30)
     chunk = fifo.compiled_chunk(sampler.denoise, plan, args.chunk_size)
 

@@ -14,7 +14,8 @@
 #   run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=600)
 #
 # Phases can be picked to split the work over two calls: `bash benchmarks/gpu_all.sh compare`,
-# `... unet fifo`. The log lands in $OUT/gpu_all.log on the device tool (benchmarks/gpu_logs/ elsewhere).
+# `... unet fifo`. The `serial` phase (one batched FIFO model call vs the official 16 serial calls, full
+# size) is not in the default list: run it in a second call, `bash benchmarks/gpu_all.sh serial`. The log lands in $OUT/gpu_all.log on the device tool (benchmarks/gpu_logs/ elsewhere).
 # Record the figures in benchmarks/NOTES.md with the device line the script prints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,8 @@ for p in $PHASES; do
         compare) phase compare 270 python3 benchmarks/compare_diffusers.py --preset gpu-2b ;;
         unet) phase unet 150 python3 benchmarks/unet_step.py --dtype bf16 --steps 5 ;;
         fifo) phase fifo 150 python3 benchmarks/fifo_speed.py --chunks 3 --chunk-size 4 ;;
-        *) echo "unknown phase $p (compare, unet, fifo)" | tee -a "$LOG" ;;
+        serial) phase serial 300 python3 benchmarks/fifo_speed.py --serial --repeats 5 ;;
+        *) echo "unknown phase $p (compare, unet, fifo, serial)" | tee -a "$LOG" ;;
     esac
 done
 echo "log: $LOG"
