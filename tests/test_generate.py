@@ -113,6 +113,11 @@ def test_errors_name_the_problem_before_anything_runs(tmp_path, capsys, override
     assert message in capsys.readouterr().err
 
 
+def test_cogvideox_fifo_refuses_dynamic_cfg(tmp_path, capsys):
+    code, _, _ = generate("tiny_fifo_repvideo.yaml", tmp_path, "guidance.dynamic=true")
+    assert code == 2 and "guidance.dynamic=false" in capsys.readouterr().err
+
+
 def test_nan_stops_the_run_naming_the_iteration_and_writes_no_nan_frame(tmp_path, capsys, monkeypatch):
     from jax_repvideo import fifo
 
