@@ -156,7 +156,7 @@ class Inputs(NamedTuple):
     schedule: Any  # DDIMSchedule (or any scheduler pytree with the same interface)
     table: Any  # conditioning pytree, leading axis P + 1: the P prompts, then uncond
     bounds: jax.Array  # (P,) int32 cumulative frame counts of the prompt schedule
-    guidance_scale: jax.Array  # () float32
+    guidance_scale: jax.Array  # () float32, or (S,) a weight per FIFO index k (each frame its own)
 
 
 def prompt_of_frame(frame, bounds):
@@ -177,7 +177,10 @@ def denoise_windows(denoise: Callable, plan: Plan, params, inputs: Inputs, x, id
     uncond = jax.tree.leaves(inputs.table)[0].shape[0] - 1
     ids = jnp.concatenate([prompt_ids, jnp.full_like(prompt_ids, uncond)])
     out = denoise(params, ddim.stack_cfg(x), ddim.stack_cfg(t), _gather(inputs.table, ids))
-    return ddim.combine_cfg(out, inputs.guidance_scale)
+    scale = inputs.guidance_scale
+    if scale.ndim:  # a weight per noise level: every frame of every window takes its own
+        scale = scale[idx].reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
+    return ddim.combine_cfg(out, scale)
 
 
 def fifo_iteration(denoise: Callable, plan: Plan, params, inputs: Inputs, state: FifoState, noise):
@@ -306,11 +309,18 @@ class FifoSampler:
     ``uncond``: the same pytree without that axis. Leaves are what ``denoise`` expects per frame.
     """
 
-    def __init__(self, denoise: Callable, params, config: FifoConfig, schedule=None):
+    def __init__(self, denoise: Callable, params, config: FifoConfig, schedule=None, guidance_table=None):
+        """``guidance_table``: optional (S,) CFG weight per FIFO index k (ascending noise), e.g. CogVideoX's
+        dynamic CFG; by default every frame takes ``config.guidance_scale``."""
         self.plan = make_plan(config)
         self.config = config
         self.denoise = denoise
         self.params = params
+        self.guidance = (jnp.float32(config.guidance_scale) if guidance_table is None
+                         else jnp.asarray(guidance_table, jnp.float32))
+        if self.guidance.shape not in ((), (self.plan.steps,)):
+            raise ConfigError(f"guidance_table must have one weight per FIFO step ({self.plan.steps}), "
+                              f"got shape {self.guidance.shape}")
         if schedule is None:
             schedule = ddim.videocrafter2_schedule(self.plan.steps, eta=config.eta)
         self.schedule = schedule
@@ -332,7 +342,7 @@ class FifoSampler:
             )
         table = jax.tree.map(lambda p, u: jnp.concatenate([p, jnp.asarray(u, p.dtype)[None]]), prompts, uncond)
         bounds = jnp.asarray(np.cumsum(frames), jnp.int32)
-        return Inputs(self.schedule, table, bounds, jnp.float32(self.config.guidance_scale))
+        return Inputs(self.schedule, table, bounds, self.guidance)
 
     def _check_length(self, num_frames: int) -> None:
         if num_frames < 1:
@@ -350,8 +360,8 @@ class FifoSampler:
             noise = jax.random.normal(k_steps, (self.plan.steps,) + shape) if noise is None else noise
         cond0 = jax.tree.map(lambda p: jnp.broadcast_to(p[0], (1, f) + p.shape[1:]), prompts)
         uncond_f = jax.tree.map(lambda u: jnp.broadcast_to(jnp.asarray(u), (1, f) + jnp.shape(u)), uncond)
-        guidance = self.config.guidance_scale if self.plan.use_cfg else None
-        x0, trace = _compiled_base(self.denoise, guidance)(self.params, self.schedule, x_T, cond0, uncond_f, noise)
+        guidance = self.guidance if self.plan.use_cfg else None
+        x0, trace = _compiled_base(self.denoise)(self.params, self.schedule, x_T, cond0, uncond_f, noise, guidance)
         return x0[0], trace
 
     # -- the queue ------------------------------------------------------------------------------------
@@ -413,8 +423,8 @@ class FifoSampler:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_base(denoise: Callable, guidance) -> Callable:
-    def base(params, schedule, x_T, cond, uncond, noise):
+def _compiled_base(denoise: Callable) -> Callable:
+    def base(params, schedule, x_T, cond, uncond, noise, guidance):
         return ddim.ddim_sample(
             denoise, params, schedule, x_T, cond, uncond, noise, guidance_scale=guidance, use_scale=True
         )

@@ -19,7 +19,9 @@ CogVideoX:
 * ``dit_fifo_sampler`` — a ``FifoSampler`` wired with the two; ``text_conditioning`` builds the
   prompt table and the unconditional branch (zeros as RepVideo, or a negative-prompt embedding).
 
-Dynamic CFG is not applied inside FIFO (its guidance weight is one scalar); use ``dynamic=False``.
+* ``guidance_table`` — CogVideoX's CFG weights in FIFO's index order: with dynamic CFG every frame of
+  every window is guided with the weight of its own noise level (the weight a plain sampler would use
+  at that timestep); None for a constant scale.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from jax_repvideo import fifo
@@ -67,6 +70,13 @@ def fifo_schedule(num_steps: int,
     alphas = cog.alphas_cumprod(config)[grid]
     return FifoCogVideoXSchedule(schedule=schedule, timesteps=jnp.asarray(grid.copy(), jnp.int32),
                                  alphas=jnp.asarray(alphas, jnp.float32))
+
+
+def guidance_table(config: guidance.GuidanceConfig, schedule: FifoCogVideoXSchedule) -> jax.Array | None:
+    """``guidance_scale_table`` over the S-step grid, reordered to FIFO's ascending index k."""
+    if not config.dynamic:
+        return None
+    return guidance.guidance_scale_table(config, np.asarray(schedule.timesteps)[::-1])[::-1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -122,10 +122,6 @@ def validate(cfg: GenerateConfig, *, check_paths: bool = True) -> None:
     if cfg.family == "cogvideox":
         from jax_repvideo.models.vae_cogvideox import decoded_frames
 
-        if cfg.sampler.kind == "fifo" and cfg.guidance.dynamic:
-            raise ConfigError("FIFO on CogVideoX guides every frame with one scale (no dynamic CFG): set "
-                              "guidance.dynamic=false, or use sampler.kind=dpm or ddim for dynamic CFG")
-
         ratio = cfg.cogvideox.vae.temporal_compression_ratio
         if decoded_frames((cfg.num_frames - 1) // ratio + 1, ratio) != cfg.num_frames:
             raise ConfigError(f"num_frames={cfg.num_frames}: the CogVideoX VAE decodes to 1, 9, 17, …, 49, … "

@@ -139,10 +139,13 @@ class CogVideoXPipeline:
         mean, _ = vae_cogvideox.encode(vae, jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0)
         return vae_cogvideox.scale_latents(vae, mean)[0]
 
-    def fifo_sampler(self, config: fifo.FifoConfig) -> fifo.FifoSampler:
+    def fifo_sampler(self, config: fifo.FifoConfig,
+                     guidance_cfg: guidance.GuidanceConfig | None = None) -> fifo.FifoSampler:
+        """FIFO on the DiT; ``guidance_cfg.dynamic`` guides each frame at its own noise level."""
         denoise = sharding.shard_denoiser(fifo_dit.dit_denoiser(self.dit_graph))  # windows × CFG on data
-        return fifo.FifoSampler(denoise, self.dit_params, config,
-                                schedule=fifo_dit.fifo_schedule(config.video_length * config.num_partitions))
+        schedule = fifo_dit.fifo_schedule(config.video_length * config.num_partitions)
+        table = fifo_dit.guidance_table(guidance_cfg, schedule) if guidance_cfg is not None else None
+        return fifo.FifoSampler(denoise, self.dit_params, config, schedule=schedule, guidance_table=table)
 
 
 class StreamDecoder:

@@ -116,7 +116,7 @@ class Pipeline:
             sampler = m.fifo_sampler(fcfg, cfg.sampler.fps, cfg.qcache if cfg.qcache.enabled else None)
             prompts, uncond = {"context": texts}, {"context": m.encode_text([cfg.negative_prompt])[0]}
         else:
-            sampler = m.fifo_sampler(fcfg)
+            sampler = m.fifo_sampler(fcfg, cfg.guidance)
             prompts, uncond = {"text": texts}, {"text": m.unconditional(texts[:1], cfg.guidance, cfg.negative_prompt)[0]}
         counts = _latent_counts([n for _, n in schedule], fcfg.new_video_length)
 

@@ -196,6 +196,27 @@ def test_chunk_donates_its_state_has_no_host_sync_but_run_keeps_the_callers(base
     assert not state.queue.is_deleted() and int(state.iteration) == 0
 
 
+def test_a_guidance_table_weights_each_frame_at_its_own_noise_level(base):
+    s = sampler()
+    state = s.init(base, PROMPTS, UNCOND, (3, 3))
+    inputs = s.inputs(PROMPTS, UNCOND, (3, 3), 6)
+    positions = s.plan.window_positions
+    x, idx, ids = state.queue[positions], state.indices[positions], state.prompts[positions]
+    t = inputs.schedule.timesteps[idx]
+    cond, uncond = (toy(PARAMS, x, t, {"c": inputs.table["c"][i]}) for i in (ids, jnp.full_like(ids, 2)))
+    table = jnp.linspace(1.0, 9.0, s.plan.steps)
+    expected = uncond + table[idx][..., None, None, None] * (cond - uncond)
+    got = fifo.denoise_windows(toy, s.plan, PARAMS, inputs._replace(guidance_scale=table), x, idx, ids)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # A constant table is the scalar scale: same base video, same frames.
+    constant = fifo.FifoSampler(toy, PARAMS, CONFIG, guidance_table=np.full(s.plan.steps, CONFIG.guidance_scale))
+    np.testing.assert_array_equal(constant.base_video(PROMPTS, UNCOND, LATENT)[0], s.base_video(PROMPTS, UNCOND, LATENT)[0])
+    np.testing.assert_array_equal(generate(constant, constant.init(base, PROMPTS, UNCOND, (3, 3)), 6)[1],
+                                  generate(s, state, 6)[1])
+    with pytest.raises(ConfigError, match="one weight per FIFO step"):
+        fifo.FifoSampler(toy, PARAMS, CONFIG, guidance_table=np.ones(3))
+
+
 # ---- prompt schedule -----------------------------------------------------------------------------------
 
 

@@ -134,3 +134,16 @@ def test_negative_prompt_conditioning():
     np.testing.assert_array_equal(uncond["text"], negative)
     _, uncond = fifo_dit.text_conditioning(embeds, guidance.GuidanceConfig())
     np.testing.assert_array_equal(uncond["text"], np.zeros((TEXT_LEN, 8)))
+
+
+def test_dynamic_guidance_table_in_fifo_order():
+    """Dynamic CFG in FIFO: index k (ascending noise) takes the weight a plain sampler uses at that timestep."""
+    schedule = fifo_dit.fifo_schedule(12)
+    descending = np.asarray(schedule.timesteps)[::-1]
+    for config in (guidance.GuidanceConfig(scale=6.0), guidance.GuidanceConfig(scale=6.0, schedule="monotone")):
+        plain = np.asarray(guidance.guidance_scale_table(config, descending))
+        table = np.asarray(fifo_dit.guidance_table(config, schedule))
+        np.testing.assert_array_equal(table, plain[::-1])
+    monotone = np.asarray(fifo_dit.guidance_table(guidance.GuidanceConfig(scale=6.0, schedule="monotone"), schedule))
+    assert monotone[-1] == 7.0 and np.all(np.diff(monotone) >= 0)  # 1 + w at the noisiest level
+    assert fifo_dit.guidance_table(guidance.GuidanceConfig(scale=6.0, dynamic=False), schedule) is None

@@ -186,7 +186,8 @@ def ddim_sample(
 
     ``denoise(params, latents, timesteps (B, T), cond) -> model output``; ``cond``/``uncond`` are
     per-frame conditioning pytrees with leading axes (B, T). ``noise``: (S, B, T, H, W, C), the z of each
-    step in sampling order (highest index first). ``guidance_scale`` None means no CFG (one call).
+    step in sampling order (highest index first). ``guidance_scale``: a scalar, a weight per DDIM index
+    (S,), or None for no CFG (one call).
     Returns the final latents and the per-step ``(model output, pred_x0, x_prev)``, stacked.
     """
     batch, frames = x_T.shape[:2]
@@ -197,7 +198,8 @@ def ddim_sample(
         index, z = step
         t = jnp.broadcast_to(schedule.timesteps[index], (batch, frames))
         if guided:
-            out = combine_cfg(denoise(params, stack_cfg(x), stack_cfg(t), both), guidance_scale)
+            scale = guidance_scale[index] if jnp.ndim(guidance_scale) else guidance_scale
+            out = combine_cfg(denoise(params, stack_cfg(x), stack_cfg(t), both), scale)
         else:
             out = denoise(params, x, t, both)
         x_prev, pred_x0 = schedule.step(x, out, index, z, use_scale=use_scale)
