@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jax_repvideo import sharding
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
@@ -43,7 +45,7 @@ def save(directory: str | Path, params: Mapping[str, Any], config: Mapping[str, 
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, tree, force=True)
     checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
+    if sharding.is_primary():
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
@@ -70,10 +72,10 @@ def restore_into(directory: str | Path, model: nnx.Module) -> nnx.Module:
 
 
 def _restore_arg(leaf):
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    placement = getattr(leaf, "sharding", None)
+    if placement is None:
+        placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
 
 
 def _string_keys(tree):

@@ -439,12 +439,12 @@ def save_state(directory: str | Path, state: FifoState) -> Path:
     """Writes the state with orbax (``directory`` is created or overwritten). Under several processes
     every one calls it (gathering the state and orbax's save are collective); process 0 writes."""
     import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
+
+    from jax_repvideo import sharding
 
     directory = Path(directory).absolute()
     checkpointer = ocp.StandardCheckpointer()
-    host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in state._asdict().items()}
-    checkpointer.save(directory, host, force=True)
+    checkpointer.save(directory, sharding.gather_to_host(state._asdict()), force=True)
     checkpointer.wait_until_finished()
     return directory
 

@@ -13,10 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import jax
 import numpy as np
 
-from jax_repvideo import fifo
+from jax_repvideo import fifo, sharding
 
 LATEST = "latest.json"
 LATENTS = "latents.npy"
@@ -47,7 +46,7 @@ class RunStore:
 
     def save(self, state: fifo.FifoState, latents: np.ndarray) -> None:
         """Every process calls it (the orbax state save is collective); only process 0 writes files."""
-        primary = jax.process_index() == 0
+        primary = sharding.is_primary()
         if primary:
             self.directory.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.directory / RUN, json.dumps(self.fingerprint, indent=1, sort_keys=True))

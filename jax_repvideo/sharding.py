@@ -134,6 +134,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def gather_to_host(tree):
+    """Numpy copies of every (possibly cross-host sharded) array of ``tree``, on every process.
+    Collective under several processes: all of them must call it, in the same order."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
 # ----------------------------------------------------------------------------- mesh and rules
 
 

@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from jax_repvideo import sharding
 from jax_repvideo.training.config import DataConfig, DataError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
@@ -340,7 +341,7 @@ def prepare(data: DataConfig, cache_dir: str | Path, encoder: Encoder | None = N
 
     if jax.process_count() == 1:
         return build()
-    first = build() if jax.process_index() == 0 else None
+    first = build() if sharding.is_primary() else None
     multihost_utils.sync_global_devices("repvideo_clips prepared")
     return first or build()
 

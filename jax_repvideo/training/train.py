@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from jax_repvideo import checkpoint, sharding
 from jax_repvideo.config import ConfigError, from_dict, load, load_yaml, to_dict
@@ -125,7 +124,7 @@ def export(cfg: TrainConfig, dit: DiTConfig, params: Mapping[str, jax.Array], en
     primary = sharding.is_primary()
     # Every process runs this: gathering the (possibly cross-host sharded) params is collective, and
     # so is orbax's save inside checkpoint.save (it writes once). Plain file operations: primary only.
-    host_params = {p: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for p, v in params.items()}
+    host_params = sharding.gather_to_host(dict(params))
     checkpoint.save(folder / "transformer", host_params, {"kind": kind, "model": to_dict(dit), "trained_steps": cfg.steps})
     for part, enc, model, kind in (("vae", cfg.vae, "vae", "cogvideox-vae"), ("text_encoder", cfg.text, "t5", "t5")):
         target = folder / part
