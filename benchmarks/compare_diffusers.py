@@ -81,8 +81,7 @@ def counted_flops(cfg: DiTConfig, dtype, args) -> float | None:
     model = cogvideox.abstract_model(cfg, dtype=dtype, param_dtype=dtype, attention_backend="xla",
                                      scan_layers=False)
     forward, state = jit_forward(model)
-    analysis = forward.lower(state, *args).cost_analysis()
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+    return total_flops(forward.lower(state, *args))
 
 
 def inputs(preset: Preset, cfg: DiTConfig):

@@ -22,7 +22,7 @@ def peak_flops(device) -> float | None:
 
 
 def total_flops(compiled) -> float | None:
-    """XLA's cost-analysis FLOP count of a compiled executable (None if the backend gives none)."""
+    """XLA's cost-analysis FLOP count of a lowered or compiled program (None if the backend gives none)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None

@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom on the tiny presets (CPU), so they never rot.
 
-The kernels share a persistent JAX compilation cache (one temporary folder for the whole module), so
-the programs notebooks have in common (the tiny VideoCrafter2 FIFO run of 01 and 02) compile once.
+The kernels use the session's persistent JAX compilation cache (conftest), so the programs notebooks
+have in common with each other and with the tests (the tiny VideoCrafter2 FIFO run) compile once.
 """
 
 import os
@@ -15,8 +15,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("jax_cache")
+def compile_cache(session_compilation_cache):
+    folder = session_compilation_cache
     saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                                             "JAX_PLATFORMS", "MPLBACKEND")}
     os.environ.update(JAX_COMPILATION_CACHE_DIR=str(folder), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
