@@ -7,10 +7,12 @@ always carries DDIM index I[p] = [0]×L ⧺ [0..S−1], so the timesteps along t
 1. gathers every window (n, or 2n with lookahead) × CFG into **one** batched denoiser call with
    per-frame timesteps; all windows read the pre-update queue (the official code runs them one after
    another, noisiest first, which reads the same values);
-2. applies the per-frame DDIM step, each frame with its own index;
+2. applies the per-frame solver step (DDIM; DPM for the DiT), each frame with its own index, and keeps
+   each frame's x̂0 for a multistep solver's next step;
 3. writes back each window's write range (the whole window, or its second half with lookahead), so
    every position ≥ L is written exactly once;
-4. emits the head latent (position L), shifts the queue left and puts fresh N(0, I) at the tail.
+4. emits the head latent (position L), shifts the queue (and the x̂0 history) left and puts fresh
+   N(0, I) at the tail.
 
 K = N + S − f iterations give N frames: the first S − f emitted latents are discarded.
 
@@ -22,7 +24,8 @@ Denoiser contract (any model plugs in, e.g. the VC2 U-Net (ε) or the CogVideoX 
 conditioning pytree, every leaf with leading axes (B, T) (e.g. ``{"context": (B, T, L, D)}``), gathered
 from the prompt table by each slot's prompt index. With CFG the batch is ``[cond windows; uncond windows]``.
 The scheduler is a pytree with ``timesteps``, ``alphas`` tables (per DDIM index) and
-``step(x, model_out, index, noise) -> (x_prev, pred_x0)``; its prediction type (ε or v) is its own.
+``step(x, model_out, index, noise, history=x̂0 of the previous step) -> (x_prev, pred_x0)``; its
+prediction type (ε or v) and solver are its own.
 ``unet_denoiser`` adapts the VideoCrafter2 U-Net (fps and Q-cache settings reach every window).
 
 A chunk of C iterations is one ``lax.scan``, compiled once for any video length (the length is a
@@ -36,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +47,9 @@ import numpy as np
 
 from jax_repvideo.config import ConfigError
 from jax_repvideo.schedulers import ddim
+
+
+SOLVERS = ("ddim", "dpm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,8 @@ class FifoConfig:
     chunk_size: int = 8  # C: iterations per compiled scan
     uniform_latent_extension: bool = False  # base frame of slot k: ⌊k·f/S⌋ instead of max(0, k − (S − f))
     seed: int = 321
+    # per-frame solver: ddim, or dpm (CogVideoX's DPM-Solver++(2M) SDE, RepVideo's sampler; DiT only)
+    solver: Literal["ddim", "dpm"] = "ddim"
 
 
 def validate(config: FifoConfig) -> None:
@@ -76,6 +84,8 @@ def validate(config: FifoConfig) -> None:
         raise ConfigError(f"fifo.new_video_length must be ≥ 1, got N={config.new_video_length}")
     if config.chunk_size < 1:
         raise ConfigError(f"fifo.chunk_size must be ≥ 1, got {config.chunk_size}")
+    if config.solver not in SOLVERS:
+        raise ConfigError(f"fifo.solver must be one of {SOLVERS}, got {config.solver!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +154,9 @@ class FifoState(NamedTuple):
     """Everything the generator carries between iterations (a pytree; saved with orbax)."""
 
     queue: jax.Array  # (Q, H, W, C) latents
+    # (Q, H, W, C) the x̂0 each latent got at its previous step: a multistep solver's history (DPM);
+    # DDIM ignores it
+    x0: jax.Array
     indices: jax.Array  # (Q,) int32 DDIM index of each position
     prompts: jax.Array  # (Q,) int32 prompt index each slot entered with (the prompt-schedule position)
     key: jax.Array  # (2,) uint32 RNG key for the next draws
@@ -192,21 +205,26 @@ def fifo_iteration(denoise: Callable, plan: Plan, params, inputs: Inputs, state:
     positions = plan.window_positions
     x, idx = state.queue[positions], state.indices[positions]
     out = denoise_windows(denoise, plan, params, inputs, x, idx, state.prompts[positions])
-    x_new, _ = inputs.schedule.step(x, out, idx, step_noise)
-    w = plan.write_offset
-    written = x_new[:, w:].reshape((-1,) + x.shape[2:])
-    queue = state.queue.at[plan.write_positions.reshape(-1)].set(written, unique_indices=True)
+    x_new, x0 = inputs.schedule.step(x, out, idx, step_noise, history=state.x0[positions])
+    queue, x0 = (_write_back(plan, whole, part) for whole, part in ((state.queue, x_new), (state.x0, x0)))
     emitted = queue[plan.context]
     # The slot entering now is dequeued S iterations later, i.e. becomes output frame iteration + f.
     entering = prompt_of_frame(state.iteration + plan.f, inputs.bounds)
     state = FifoState(
         queue=jnp.concatenate([queue[1:], tail_noise[None].astype(queue.dtype)]),
+        x0=jnp.concatenate([x0[1:], jnp.zeros_like(x0[:1])]),  # the tail's first step is first-order
         indices=state.indices,
         prompts=jnp.concatenate([state.prompts[1:], entering[None]]),
         key=state.key,
         iteration=state.iteration + 1,
     )
     return state, emitted
+
+
+def _write_back(plan: Plan, whole, windows):
+    """``whole`` (Q, …) with each window's write range of ``windows`` (R, f, …) written into it."""
+    part = windows[:, plan.write_offset:].reshape((-1,) + windows.shape[2:])
+    return whole.at[plan.write_positions.reshape(-1)].set(part.astype(whole.dtype), unique_indices=True)
 
 
 def draw_noise(plan: Plan, key, latent_shape):
@@ -261,13 +279,16 @@ def init_state(plan: Plan, schedule, base, noise, bounds, key, *, uniform: bool 
     """The initial queue (spec §1.4) from a clean base video ``base`` (f, H, W, C).
 
     Slot p = √a_k·V[j]+√(1−a_k)·z_p with its DDIM index k and base frame j; ``noise``: (Q, H, W, C).
-    No VC2 scale factor here (spec §1.2 quirk).
+    No VC2 scale factor here (spec §1.2 quirk). A slot's solver history starts as V[j], the clean frame
+    it was noised from.
     """
     k = plan.slot_indices
     a = ddim._expand(schedule.alphas[k], base.ndim)
-    queue = jnp.sqrt(a) * base[plan.slot_base_frames(uniform)] + jnp.sqrt(1.0 - a) * noise
+    frames = base[plan.slot_base_frames(uniform)]
+    queue = jnp.sqrt(a) * frames + jnp.sqrt(1.0 - a) * noise
     return FifoState(
         queue=queue.astype(jnp.float32),
+        x0=frames.astype(jnp.float32),
         indices=jnp.asarray(k),
         prompts=prompt_of_frame(jnp.asarray(plan.frame_of_slot()), bounds),
         key=jnp.asarray(key, jnp.uint32),
@@ -323,6 +344,10 @@ class FifoSampler:
                               f"got shape {self.guidance.shape}")
         if schedule is None:
             schedule = ddim.videocrafter2_schedule(self.plan.steps, eta=config.eta)
+        solver = getattr(schedule, "solver", "ddim")
+        if solver != config.solver:
+            raise ConfigError(f"fifo.solver={config.solver}, but the FIFO schedule steps with {solver} "
+                              "(VideoCrafter2's schedule is ddim only; fifo_dit.fifo_schedule takes a solver)")
         self.schedule = schedule
         if schedule.timesteps.shape[0] != self.plan.steps:
             steps = schedule.timesteps.shape[0]
@@ -351,7 +376,8 @@ class FifoSampler:
     # -- base video -----------------------------------------------------------------------------------
 
     def base_video(self, prompts, uncond, latent_shape, *, key=None, x_T=None, noise=None):
-        """Plain S-step DDIM (VC2 use_scale, CFG) of an f-frame clip with prompt 0 → (f, H, W, C)."""
+        """Plain S-step sampling with the FIFO schedule's solver (VC2 use_scale, CFG) of an f-frame clip
+        with prompt 0 → (f, H, W, C)."""
         f = self.plan.f
         if x_T is None or noise is None:
             k_x, k_steps = jax.random.split(jax.random.PRNGKey(self.config.seed) if key is None else key)
@@ -453,6 +479,8 @@ def load_state(directory: str | Path) -> FifoState:
     import orbax.checkpoint as ocp
 
     restored = ocp.StandardCheckpointer().restore(Path(directory).absolute())
+    if "x0" not in restored:  # saved before the solver history existed: a DDIM run, which ignores it
+        restored["x0"] = np.zeros_like(restored["queue"])
     return FifoState(**{k: jnp.asarray(restored[k]) for k in FifoState._fields})
 
 

@@ -10,8 +10,8 @@ CogVideoX:
   index. The tail slot k = S−1 sits at t = 999 where ᾱ = 0, so the fresh N(0, I) that FIFO enqueues
   is exactly that slot's noise level; slot k = 0 (t = S-grid's smallest, 19 for 50 steps) steps to
   ᾱ = 1, i.e. every emitted latent is the final x̂0. The lookahead context slots also carry k = 0.
-  The DPM sampler needs a per-slot x̂0 history that ``FifoState`` does not carry, so FIFO uses DDIM
-  (the 2B's default diffusers scheduler).
+  ``solver="dpm"`` steps every frame with RepVideo's DPM-Solver++(2M) SDE instead: its second-order
+  term takes the x̂0 the same latent got one step earlier, which ``FifoState.x0`` carries along the queue.
 * ``dit_denoiser`` — merges a split ``CogVideoXDiT`` inside the trace and calls it on a batch of
   windows. ``cond = {"text": (B, T, L, D)}`` is per frame, as FIFO gathers it; the DiT attends to a
   single text sequence per window, so each window uses the embedding of its middle frame (frame
@@ -46,30 +46,34 @@ class FifoCogVideoXSchedule:
     schedule: cog.CogVideoXSchedule  # diffusers order, step index i = S−1−k
     timesteps: jax.Array  # (S,) int32 ascending, e.g. 19, 39, …, 999
     alphas: jax.Array  # (S,) float32 ᾱ at those timesteps (used by FIFO's queue initialisation)
+    solver: str = struct.field(pytree_node=False, default="ddim")  # "ddim" | "dpm"
 
     @property
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
-    def step(self, x, model_out, index, noise=None, *, use_scale: bool = False):
-        """v-prediction DDIM step of every frame at its own FIFO index k → ``(x_prev, x̂0)``.
+    def step(self, x, model_out, index, noise=None, *, use_scale: bool = False, history=None):
+        """One step of every frame at its own FIFO index k → ``(x_prev, x̂0)``.
 
-        ``noise`` is unused (η = 0). ``use_scale`` (VideoCrafter2's signal scaling) has no
-        CogVideoX counterpart and is ignored.
+        DDIM (η = 0) ignores ``noise`` and ``history``. DPM takes the step's Gaussian ``noise`` and
+        ``history``, the x̂0 each frame got at its previous step (unused at a frame's first step).
+        ``use_scale`` (VideoCrafter2's signal scaling) has no CogVideoX counterpart and is ignored.
         """
-        del noise, use_scale
+        del use_scale
         i = self.num_steps - 1 - jnp.asarray(index, jnp.int32)
+        if self.solver == "dpm":
+            return cog.dpm_step(self.schedule, i, x, model_out, history, noise)
         return cog.ddim_step(self.schedule, i, x, model_out)
 
 
-def fifo_schedule(num_steps: int,
-                  config: cog.CogVideoXSchedulerConfig = cog.CogVideoXSchedulerConfig()) -> FifoCogVideoXSchedule:
-    """The S-step CogVideoX DDIM schedule in FIFO's indexing."""
+def fifo_schedule(num_steps: int, config: cog.CogVideoXSchedulerConfig = cog.CogVideoXSchedulerConfig(),
+                  solver: str = "ddim") -> FifoCogVideoXSchedule:
+    """The S-step CogVideoX schedule in FIFO's indexing, stepped with ``solver`` ("ddim" or "dpm")."""
     schedule = cog.make_schedule(num_steps, config)
     grid = cog.trailing_timesteps(num_steps, config.num_train_timesteps)[::-1]
     alphas = cog.alphas_cumprod(config)[grid]
     return FifoCogVideoXSchedule(schedule=schedule, timesteps=jnp.asarray(grid.copy(), jnp.int32),
-                                 alphas=jnp.asarray(alphas, jnp.float32))
+                                 alphas=jnp.asarray(alphas, jnp.float32), solver=solver)
 
 
 def guidance_table(config: guidance.GuidanceConfig, schedule: FifoCogVideoXSchedule) -> jax.Array | None:
@@ -107,8 +111,9 @@ def text_conditioning(prompt_embeds: Sequence[jax.Array], config: guidance.Guida
 def dit_fifo_sampler(model, config: fifo.FifoConfig,
                      scheduler_config: cog.CogVideoXSchedulerConfig = cog.CogVideoXSchedulerConfig()
                      ) -> fifo.FifoSampler:
-    """A ``FifoSampler`` running ``model`` (a ``CogVideoXDiT``) with the CogVideoX DDIM schedule."""
+    """A ``FifoSampler`` running ``model`` (a ``CogVideoXDiT``) with the CogVideoX schedule and
+    ``config.solver``."""
     graphdef, params = nnx.split(model)
     plan = fifo.make_plan(config)
     return fifo.FifoSampler(dit_denoiser(graphdef), params, config,
-                            schedule=fifo_schedule(plan.steps, scheduler_config))
+                            schedule=fifo_schedule(plan.steps, scheduler_config, config.solver))

@@ -114,6 +114,8 @@ def validate(cfg: GenerateConfig, *, check_paths: bool = True) -> None:
     if cfg.family == "videocrafter2":
         if cfg.sampler.kind == "dpm":
             raise ConfigError("sampler.kind=dpm is CogVideoX's sampler; VideoCrafter2 takes fifo or ddim")
+        if cfg.sampler.kind == "fifo" and cfg.fifo.solver != "ddim":
+            raise ConfigError(f"fifo.solver={cfg.fifo.solver} is CogVideoX's sampler; VideoCrafter2's FIFO runs ddim")
         if cfg.sampler.kind == "ddim":
             _check_videocrafter_grid(cfg.sampler.steps)
         if cfg.guidance.dynamic or cfg.guidance.unconditional != "negative_prompt":

@@ -24,8 +24,9 @@ WINDOW, TEXT_LEN = 4, DIT.max_text_seq_length
 
 
 def config(lookahead, **overrides):
-    return fifo.FifoConfig(video_length=WINDOW, num_partitions=2, lookahead=lookahead, guidance_scale=6.0,
-                           new_video_length=3, chunk_size=4, **overrides)
+    settings = dict(video_length=WINDOW, num_partitions=2, lookahead=lookahead, guidance_scale=6.0,
+                    new_video_length=3, chunk_size=4)
+    return fifo.FifoConfig(**{**settings, **overrides})
 
 
 def rel(ours, ref):
@@ -147,3 +148,96 @@ def test_dynamic_guidance_table_in_fifo_order():
     monotone = np.asarray(fifo_dit.guidance_table(guidance.GuidanceConfig(scale=6.0, schedule="monotone"), schedule))
     assert monotone[-1] == 7.0 and np.all(np.diff(monotone) >= 0)  # 1 + w at the noisiest level
     assert fifo_dit.guidance_table(guidance.GuidanceConfig(scale=6.0, dynamic=False), schedule) is None
+
+
+# ---- the DPM-Solver++(2M) SDE per frame (fifo.solver=dpm): the history travels with each latent ------------
+
+
+def frame_wise_toy(params, x, t, cond):
+    """A denoiser with no cross-frame term: each latent's trajectory can be replayed on its own."""
+    del params, cond
+    scale = t.astype(jnp.float32)[..., None, None, None] / 1000.0
+    return jnp.tanh(x) * scale + 0.1 * x
+
+
+def test_dpm_fifo_steps_each_fresh_latent_along_the_plain_dpm_trajectory(conditioning):
+    """A latent that enters the tail as fresh noise gets S DPM steps, one per iteration, at falling noise;
+    each second-order step must use the x̂0 the same latent got one iteration earlier. Replayed alone with
+    the plain DPM step and the same noise draws, it must end where FIFO emits it."""
+    cfg = config(True, guidance_scale=1.0, solver="dpm", new_video_length=8)
+    plan = fifo.make_plan(cfg)
+    S, f, Q, w = plan.steps, plan.f, plan.queue_length, plan.write_offset
+    sampler = fifo.FifoSampler(frame_wise_toy, None, cfg, schedule=fifo_dit.fifo_schedule(S, solver="dpm"))
+    prompts, uncond = conditioning
+    rng = np.random.default_rng(4)
+    iterations = cfg.new_video_length + S - f
+    noise = fifo.InjectedNoise(
+        init=rng.standard_normal((Q,) + LATENT).astype(np.float32),
+        steps=rng.standard_normal((iterations, len(plan.starts), f) + LATENT).astype(np.float32),
+        tails=rng.standard_normal((iterations,) + LATENT).astype(np.float32))
+    base = rng.standard_normal((f,) + LATENT).astype(np.float32)
+    state = sampler.init(base, prompts, uncond, (4, 4), noise=jnp.asarray(noise.init))
+    frames = {}
+    sampler.run(state, prompts, uncond, (4, 4), noise=noise,
+                consumer=lambda i, x: frames.update({i + j: v for j, v in enumerate(x)}))
+
+    schedule = cog.make_schedule(S)
+    window_of = {int(p): (r, w + c) for (r, c), p in np.ndenumerate(plan.write_positions)}
+    for entered in range(cfg.new_video_length - f):  # the latents that entered as tail noise
+        x, history = jnp.asarray(noise.tails[entered])[None], jnp.zeros((1,) + LATENT)
+        for i in range(S):  # diffusers step i at iteration entered + 1 + i, queue position Q − 1 − i
+            r, j = window_of[Q - 1 - i]
+            t = jnp.full((1, 1), schedule.timesteps[i])
+            v = frame_wise_toy(None, x[:, None], t, None)[:, 0]
+            x, history = cog.dpm_step(schedule, i, x, v, history, noise.steps[entered + 1 + i, r, j][None])
+        error = rel(frames[entered + f], x[0])
+        print(f"frame {entered + f}: FIFO vs its replayed DPM trajectory {error:.2e}")
+        assert error <= 1e-5
+
+
+def test_dpm_base_video_is_plain_dpm_sampling(model, conditioning):
+    """The base clip that seeds a DPM FIFO queue is RepVideo's plain DPM sampling, step for step."""
+    from jax_repvideo.pipeline_cogvideox import _clip_sampler
+
+    sampler = fifo_dit.dit_fifo_sampler(model, config(True, solver="dpm"))
+    prompts, uncond = conditioning
+    steps, shape = sampler.plan.steps, (1, WINDOW) + LATENT
+    x_T = jax.random.normal(jax.random.PRNGKey(5), shape)
+    noise = jax.random.normal(jax.random.PRNGKey(6), (steps,) + shape)
+    ours, _ = sampler.base_video(prompts, uncond, LATENT, x_T=x_T, noise=noise)
+    graphdef, params = nnx.split(model)
+    plain = _clip_sampler(graphdef, "dpm")(params, cog.make_schedule(steps), jnp.full((steps,), 6.0), x_T,
+                                          prompts["text"][:1], uncond["text"][None], noise)[0]
+    print(f"FIFO base vs plain DPM: {rel(ours, plain):.2e}")
+    assert rel(ours, plain) <= 1e-5
+
+
+def test_dpm_fifo_resumes_with_its_history(conditioning, tmp_path):
+    """The x̂0 history is part of the saved state: a run cut after one chunk and restored from disk emits
+    the same latents as an uninterrupted one."""
+    cfg = config(True, guidance_scale=1.0, solver="dpm", new_video_length=8)
+    sampler = fifo.FifoSampler(frame_wise_toy, None, cfg, schedule=fifo_dit.fifo_schedule(8, solver="dpm"))
+    prompts, uncond = conditioning
+    base = jax.random.normal(jax.random.PRNGKey(7), (WINDOW,) + LATENT)
+    straight, cut = {}, {}
+
+    def collect(into):
+        return lambda i, x: into.update({i + j: v for j, v in enumerate(np.asarray(x))})
+
+    start = sampler.init(base, prompts, uncond, (4, 4))
+    sampler.run(start, prompts, uncond, (4, 4), consumer=collect(straight))
+    first = sampler.run(start, prompts, uncond, (4, 4), consumer=collect(cut), max_chunks=1)
+    fifo.save_state(tmp_path / "state", first)
+    sampler.run(fifo.load_state(tmp_path / "state"), prompts, uncond, (4, 4), consumer=collect(cut))
+    assert sorted(cut) == sorted(straight) == list(range(8))
+    for i in straight:
+        np.testing.assert_array_equal(cut[i], straight[i])
+
+
+def test_the_solver_must_match_the_schedule():
+    from jax_repvideo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fifo.solver=dpm, but the FIFO schedule steps with ddim"):
+        fifo.FifoSampler(frame_wise_toy, None, config(True, solver="dpm"))  # VideoCrafter2's DDIM schedule
+    with pytest.raises(ConfigError, match="fifo.solver=ddim, but the FIFO schedule steps with dpm"):
+        fifo.FifoSampler(frame_wise_toy, None, config(True), schedule=fifo_dit.fifo_schedule(8, solver="dpm"))

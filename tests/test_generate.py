@@ -86,7 +86,7 @@ def test_videocrafter2_plain_ddim(tmp_path):
     assert np.load(latents)["latents"].shape == (4, 8, 8, 4)
 
 
-def test_cogvideox_plain_dpm_and_repvideo_fifo(tmp_path):
+def test_cogvideox_plain_dpm_and_repvideo_fifo_ddim_and_dpm(tmp_path):
     code, out, _ = generate("tiny_cogvideox.yaml", tmp_path, "sampler.kind=dpm", "sampler.steps=3", name="dpm")
     assert code == 0 and read_frames(out).shape == (9, 32, 32, 3)
     code, out, latents = generate("tiny_fifo_repvideo.yaml", tmp_path, "num_frames=17", name="fifo")
@@ -98,6 +98,11 @@ def test_cogvideox_plain_dpm_and_repvideo_fifo(tmp_path):
                                 name="dynamic")
     plain, dynamic = np.load(latents)["latents"], np.load(dynamic)["latents"]
     assert code == 0 and np.isfinite(dynamic).all() and np.abs(dynamic - plain).max() > 1e-3
+    # RepVideo's own sampler per frame: DPM-Solver++(2M) SDE, its history carried along the queue.
+    code, out, dpm = generate("tiny_fifo_repvideo.yaml", tmp_path, "num_frames=17", "fifo.solver=dpm", name="dpm_fifo")
+    dpm = np.load(dpm)["latents"]
+    assert code == 0 and read_frames(out).shape == (17, 32, 32, 3)
+    assert np.isfinite(dpm).all() and np.abs(dpm - plain).max() > 1e-3
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -111,6 +116,8 @@ def test_cogvideox_plain_dpm_and_repvideo_fifo(tmp_path):
     (["resume=true"], "needs state_dir"),
     (["sampler.kind=ddim", "sampler.steps=3"], "does not fit VideoCrafter's DDIM grid"),
     (["mesh.data=3"], "mesh"),
+    (["fifo.solver=dpm"], "VideoCrafter2's FIFO runs ddim"),
+    (["fifo.solver=euler"], "fifo.solver"),
 ])
 def test_errors_name_the_problem_before_anything_runs(tmp_path, capsys, overrides, message):
     code = cli.main(["generate", str(CONFIGS / "tiny_fifo.yaml"), *overrides])

@@ -75,12 +75,14 @@ class DDIMSchedule:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
-    def step(self, x, model_out, index, noise, *, use_scale: bool = False):
+    def step(self, x, model_out, index, noise, *, use_scale: bool = False, history=None):
         """One DDIM update x_t → x_prev, every frame with its own DDIM index.
 
         ``x``, ``model_out``, ``noise``: (..., H, W, C); ``index``: int array broadcastable to the leading
-        axes of ``x`` (e.g. (B, T) per frame, or a scalar). Returns ``(x_prev, pred_x0)``.
+        axes of ``x`` (e.g. (B, T) per frame, or a scalar). Returns ``(x_prev, pred_x0)``. ``history`` (the
+        previous step's x̂0, which multistep solvers take) is unused: DDIM is one-step.
         """
+        del history
         coef = lambda table: _expand(table[index], x.ndim)  # noqa: E731
         a, a_prev, sigma = coef(self.alphas), coef(self.alphas_prev), coef(self.sigmas)
         sqrt_a, sqrt_one_minus_a = jnp.sqrt(a), jnp.sqrt(1.0 - a)
@@ -188,13 +190,15 @@ def ddim_sample(
     per-frame conditioning pytrees with leading axes (B, T). ``noise``: (S, B, T, H, W, C), the z of each
     step in sampling order (highest index first). ``guidance_scale``: a scalar, a weight per DDIM index
     (S,), or None for no CFG (one call).
-    Returns the final latents and the per-step ``(model output, pred_x0, x_prev)``, stacked.
+    Returns the final latents and the per-step ``(model output, pred_x0, x_prev)``, stacked. Each step
+    passes the previous x̂0 as ``history`` (zeros at the first), for schedules with a multistep solver.
     """
     batch, frames = x_T.shape[:2]
     guided = guidance_scale is not None
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond) if guided else cond
 
-    def body(x, step):
+    def body(carry, step):
+        x, history = carry
         index, z = step
         t = jnp.broadcast_to(schedule.timesteps[index], (batch, frames))
         if guided:
@@ -202,8 +206,9 @@ def ddim_sample(
             out = combine_cfg(denoise(params, stack_cfg(x), stack_cfg(t), both), scale)
         else:
             out = denoise(params, x, t, both)
-        x_prev, pred_x0 = schedule.step(x, out, index, z, use_scale=use_scale)
-        return x_prev, (out, pred_x0, x_prev)
+        x_prev, pred_x0 = schedule.step(x, out, index, z, use_scale=use_scale, history=history)
+        return (x_prev, pred_x0), (out, pred_x0, x_prev)
 
     indices = jnp.arange(schedule.num_steps - 1, -1, -1)
-    return jax.lax.scan(body, x_T, (indices, noise))
+    (x, _), trace = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (indices, noise))
+    return x, trace
