@@ -69,6 +69,8 @@ class FifoCogVideoXSchedule:
 def fifo_schedule(num_steps: int, config: cog.CogVideoXSchedulerConfig = cog.CogVideoXSchedulerConfig(),
                   solver: str = "ddim") -> FifoCogVideoXSchedule:
     """The S-step CogVideoX schedule in FIFO's indexing, stepped with ``solver`` ("ddim" or "dpm")."""
+    if solver not in fifo.SOLVERS:
+        raise ValueError(f"unknown FIFO solver {solver!r}; choose one of {fifo.SOLVERS}")
     schedule = cog.make_schedule(num_steps, config)
     grid = cog.trailing_timesteps(num_steps, config.num_train_timesteps)[::-1]
     alphas = cog.alphas_cumprod(config)[grid]
