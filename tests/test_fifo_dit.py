@@ -29,6 +29,11 @@ def config(lookahead, **overrides):
     return fifo.FifoConfig(**{**settings, **overrides})
 
 
+def collect(into: dict):
+    """A ``FifoSampler.run`` consumer that files every streamed latent under its frame index."""
+    return lambda first, latents: into.update({first + j: np.asarray(x) for j, x in enumerate(latents)})
+
+
 def rel(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return np.abs(ours - ref).max() / np.abs(ref).max()
@@ -120,7 +125,7 @@ def test_sampler_streams_every_frame(model, conditioning):
     frames = {}
     state = sampler.init(base, prompts, uncond, (2, 1))
     state = sampler.run(state, prompts, uncond, (2, 1),
-                        consumer=lambda i, x: frames.update({i + j: f for j, f in enumerate(x)}))
+                        consumer=collect(frames))
     assert sorted(frames) == [0, 1, 2]
     assert int(state.iteration) == 3 + sampler.plan.steps - WINDOW
     assert np.isfinite(np.stack(list(frames.values()))).all()
@@ -179,7 +184,7 @@ def test_dpm_fifo_steps_each_fresh_latent_along_the_plain_dpm_trajectory(conditi
     state = sampler.init(base, prompts, uncond, (4, 4), noise=jnp.asarray(noise.init))
     frames = {}
     sampler.run(state, prompts, uncond, (4, 4), noise=noise,
-                consumer=lambda i, x: frames.update({i + j: v for j, v in enumerate(x)}))
+                consumer=collect(frames))
 
     schedule = cog.make_schedule(S)
     window_of = {int(p): (r, w + c) for (r, c), p in np.ndenumerate(plan.write_positions)}
@@ -220,10 +225,6 @@ def test_dpm_fifo_resumes_with_its_history(conditioning, tmp_path):
     prompts, uncond = conditioning
     base = jax.random.normal(jax.random.PRNGKey(7), (WINDOW,) + LATENT)
     straight, cut = {}, {}
-
-    def collect(into):
-        return lambda i, x: into.update({i + j: v for j, v in enumerate(np.asarray(x))})
-
     start = sampler.init(base, prompts, uncond, (4, 4))
     sampler.run(start, prompts, uncond, (4, 4), consumer=collect(straight))
     first = sampler.run(start, prompts, uncond, (4, 4), consumer=collect(cut), max_chunks=1)
