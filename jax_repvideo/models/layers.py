@@ -23,9 +23,31 @@ def linear(cin: int, cout: int, *, use_bias: bool = True, dtype, param_dtype, rn
 
 def conv(cin: int, cout: int, kernel: tuple[int, ...], *, stride=1, padding, use_bias: bool = True,
          dtype, param_dtype, rngs) -> nnx.Conv:
-    """``nnx.Conv`` with the same precision contract as :func:`linear`."""
+    """``nnx.Conv`` with the same precision contract as :func:`linear`, kept as written on small maps."""
     return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, use_bias=use_bias, dtype=dtype,
-                    param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
+                    param_dtype=param_dtype, preferred_element_type=jnp.float32,
+                    conv_general_dilated=conv_general_dilated_unswapped, rngs=rngs)
+
+
+def conv_general_dilated_unswapped(lhs, rhs, window_strides, padding, **kwargs):
+    """``lax.conv_general_dilated`` for channels-last input that XLA cannot turn inside out.
+
+    XLA's simplifier swaps the operands of a convolution whose kernel window covers more positions
+    than the input has (a 3×3 conv on the 2×2 map of the U-Net's deepest level at small latents) and
+    XLA:CPU then runs it in a generic loop, 25× slower (benchmarks/NOTES.md). Padding such an input
+    explicitly behind an optimization barrier keeps the swap from applying. Larger inputs pass through.
+    """
+    spatial_in, spatial_kernel = lhs.shape[1:-1], rhs.shape[:-2]
+    dilated_input = any(d != 1 for d in kwargs.get("lhs_dilation") or ())
+    if dilated_input or math.prod(spatial_in) >= math.prod(spatial_kernel):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    if isinstance(padding, str):
+        dilation = kwargs.get("rhs_dilation") or (1,) * len(spatial_kernel)
+        window = [(k - 1) * d + 1 for k, d in zip(spatial_kernel, dilation)]
+        padding = jax.lax.padtype_to_pads(spatial_in, window, window_strides, padding)
+    padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    return jax.lax.conv_general_dilated(jax.lax.optimization_barrier(padded), rhs, window_strides, "VALID",
+                                        **kwargs)
 
 
 class GroupNorm(nnx.Module):
