@@ -9,6 +9,7 @@ output difference (a wiring check, not a parity test), XLA's FLOP count, compile
 
     python benchmarks/compare_diffusers.py --preset cpu-medium   # dev box, float32, ~2 minutes
     python benchmarks/compare_diffusers.py --preset gpu-2b       # full 2B, 13x60x90 latents, CFG batch 2, bf16
+    python benchmarks/compare_diffusers.py --dtype bfloat16      # both models in another dtype than the preset's
 
 For a one-core comparison pin the whole process (``taskset -c 0 ... --threads 1``): XLA:CPU ignores
 ``--xla_cpu_multi_thread_eigen=false`` for its matmuls (benchmarks/NOTES.md).
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
                         help="lax.scan over stacked layers (--no-scan: unrolled, per-block params; "
                              "default: the preset's, unrolled on CPU where the scan's weight slices cost)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype of both models (default: the preset's)")
     args = parser.parse_args(argv)
     compilation_cache.enable()  # only when JAX_REPVIDEO_COMPILATION_CACHE is set
 
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
     torch_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
     if on_gpu != (torch_device == "cuda"):
         print("warning: JAX and PyTorch are on different devices", file=sys.stderr)
+    if args.dtype:
+        preset = dataclasses.replace(preset, dtype=args.dtype)
     bf16 = preset.dtype == "bfloat16"
     torch_dtype, jax_dtype = (torch.bfloat16, jnp.bfloat16) if bf16 else (torch.float32, jnp.float32)
 
