@@ -10,6 +10,7 @@ output difference (a wiring check, not a parity test), XLA's FLOP count, compile
     python benchmarks/compare_diffusers.py --preset cpu-medium   # dev box, float32, ~2 minutes
     python benchmarks/compare_diffusers.py --preset gpu-2b       # full 2B, 13x60x90 latents, CFG batch 2, bf16
     python benchmarks/compare_diffusers.py --dtype bfloat16      # both models in another dtype than the preset's
+    python benchmarks/compare_diffusers.py --preset gpu-2b --layers 2 --repeats 1   # the 2B's path, 2 blocks
 
 For a one-core comparison pin the whole process (``taskset -c 0 ... --threads 1``): XLA:CPU ignores
 ``--xla_cpu_multi_thread_eigen=false`` for its matmuls (benchmarks/NOTES.md).
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype of both models (default: the preset's)")
+    parser.add_argument("--layers", type=int, help="transformer blocks (default: the preset's), e.g. a short "
+                                                   "gpu-2b run on a CPU")
     args = parser.parse_args(argv)
     compilation_cache.enable()  # only when JAX_REPVIDEO_COMPILATION_CACHE is set
 
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
         print("warning: JAX and PyTorch are on different devices", file=sys.stderr)
     if args.dtype:
         preset = dataclasses.replace(preset, dtype=args.dtype)
+    if args.layers:
+        preset = dataclasses.replace(preset, model={**preset.model, "num_layers": args.layers})
     bf16 = preset.dtype == "bfloat16"
     torch_dtype, jax_dtype = (torch.bfloat16, jnp.bfloat16) if bf16 else (torch.float32, jnp.float32)
 
