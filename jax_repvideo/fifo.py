@@ -206,7 +206,8 @@ def fifo_iteration(denoise: Callable, plan: Plan, params, inputs: Inputs, state:
     x, idx = state.queue[positions], state.indices[positions]
     out = denoise_windows(denoise, plan, params, inputs, x, idx, state.prompts[positions])
     x_new, x0 = inputs.schedule.step(x, out, idx, step_noise, history=state.x0[positions])
-    queue, x0 = (_write_back(plan, whole, part) for whole, part in ((state.queue, x_new), (state.x0, x0)))
+    queue = _write_back(plan, state.queue, x_new)
+    x0 = _write_back(plan, state.x0, x0)
     emitted = queue[plan.context]
     # The slot entering now is dequeued S iterations later, i.e. becomes output frame iteration + f.
     entering = prompt_of_frame(state.iteration + plan.f, inputs.bounds)

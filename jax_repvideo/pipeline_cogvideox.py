@@ -143,7 +143,7 @@ class CogVideoXPipeline:
                      guidance_cfg: guidance.GuidanceConfig | None = None) -> fifo.FifoSampler:
         """FIFO on the DiT; ``guidance_cfg.dynamic`` guides each frame at its own noise level."""
         denoise = sharding.shard_denoiser(fifo_dit.dit_denoiser(self.dit_graph))  # windows × CFG on data
-        schedule = fifo_dit.fifo_schedule(config.video_length * config.num_partitions, solver=config.solver)
+        schedule = fifo_dit.fifo_schedule(fifo.make_plan(config).steps, solver=config.solver)
         table = fifo_dit.guidance_table(guidance_cfg, schedule) if guidance_cfg is not None else None
         return fifo.FifoSampler(denoise, self.dit_params, config, schedule=schedule, guidance_table=table)
 
